@@ -1,0 +1,342 @@
+"""Train the tokreduce toy model: a tiny LLaVA-OneVision that answers shapes questions on images and videos.
+
+The model is a real `LlavaOnevisionForConditionalGeneration` built from a config (SigLIP vision tower,
+Qwen2 language model) and trained from scratch on CPU with data drawn on the fly from
+scripts/make_toy_data.py. Tricks that make such a small model learn in under an hour:
+
+- objects sit in the cells of a 6x6 grid that match the 16 px patches, so one object = one token;
+- an auxiliary linear head on the vision features the projector reads predicts each patch cell's
+  colour + shape + quadrant (or "empty"); it is dropped after training;
+- several questions per image in one multi-turn sequence; loss only on the answer tokens;
+- a curriculum on the number of objects per image.
+
+The result is saved with `save_pretrained` (safetensors) plus its processor (word-level tokenizer
+with a chat template, image and video processors), so `AutoModelForImageTextToText` and
+`AutoProcessor` load it offline from the output folder.
+
+Usage:
+    python scripts/train_toy.py --steps 20 --out outputs/toy_smoke          # pipeline check
+    python scripts/train_toy.py --minutes 60 --out tokreduce/toy/checkpoint  # the shipped checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import make_toy_data as D  # noqa: E402
+
+import tokreduce.toy as toy  # noqa: E402
+
+SPECIAL = ["<pad>", "<unk>", "<eos>", "<image>", "<video>"]
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- ' ' + message['role'] + ' :' -}}"
+    "{%- if message['content'] is string -%}{{- ' ' + message['content'] -}}"
+    "{%- else -%}{%- for c in message['content'] -%}"
+    "{%- if c['type'] == 'image' -%}{{- ' <image>' -}}"
+    "{%- elif c['type'] == 'video' -%}{{- ' <video>' -}}"
+    "{%- elif c['type'] == 'text' -%}{{- ' ' + c['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{- ' <eos>' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- ' assistant :' -}}{%- endif -%}"
+)
+
+
+def vocabulary() -> list[str]:
+    """Every word the data and the prompt format can produce (specials first, deterministic order)."""
+    words = "user assistant : ? what colour is the shape object there a where how many are which way does move appears first"
+    words = words.split()
+    words += list(D.COLOURS) + D.SHAPES + list(D.PLURAL.values()) + " ".join(D.POSITIONS).split()
+    words += D.DIRECTIONS + ["yes", "no", "1", "2", "3", "4"] + list(toy.LETTERS)
+    return SPECIAL + list(dict.fromkeys(words))
+
+
+def build_processor():
+    """Word-level tokenizer + LLaVA-OneVision image/video processors at 96 px."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<eos>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        padding_side="left",  # batched generation appends after the prompt
+        model_max_length=512,
+    )
+    # SigLIP-style normalisation; one anyres pinpoint equal to the base size, so an image is the base
+    # view plus exactly one identical crop (the layout the model's anyres code expects).
+    common = dict(size={"height": 96, "width": 96}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    image_processor = LlavaOnevisionImageProcessor(image_grid_pinpoints=[[96, 96]], **common)
+    video_processor = LlavaOnevisionVideoProcessor(**common)
+    return LlavaOnevisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        num_image_tokens=36,
+        vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE,
+        vision_aspect_ratio="anyres_max_9",
+    )
+
+
+def build_model(tokenizer, seed: int):
+    """A ~2M-parameter LlavaOnevisionForConditionalGeneration from a config (random init)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=96,
+        patch_size=16,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=[[96, 96]],
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    return model
+
+
+def user(content: list[dict]) -> dict:
+    return {"role": "user", "content": content}
+
+
+def conversation(kind: str, qas: list[dict]) -> list[dict]:
+    """Multi-turn chat: media + first question, answer, next question, answer, ..."""
+    msgs = []
+    for i, q in enumerate(qas):
+        content = ([{"type": kind}] if i == 0 else []) + [{"type": "text", "text": toy.format_prompt(q)}]
+        msgs += [user(content), {"role": "assistant", "content": [{"type": "text", "text": q["answer"]}]}]
+    return msgs
+
+
+def sample_image(rng: random.Random, max_objects: int, max_questions: int):
+    """One image with 1..max_questions questions; categories drawn uniformly, scene fits the first."""
+    cat = rng.choice(D.IMAGE_CATEGORIES)
+    n = rng.randint(1, max_objects)
+    img, objs, q = D.image_item(rng, cat, n_objects=n)
+    others = [o for o in D.image_questions(rng, objs) if o["category"] != cat]
+    rng.shuffle(others)
+    return img, D.cell_labels(objs), [q] + others[: max_questions - 1]
+
+
+def sample_video(rng: random.Random):
+    """One video with its question; aux labels per frame, shape (T, 36)."""
+    frames, per_frame, q = D.video_item(rng, rng.choice(D.VIDEO_CATEGORIES))
+    return frames, np.stack([D.cell_labels(f) for f in per_frame]), [q]
+
+
+def collate(processor, kind: str, samples: list) -> tuple[dict, torch.Tensor, torch.Tensor, list]:
+    """Processor inputs with labels on the answer tokens only.
+
+    Returns:
+        (inputs incl. labels (B, L), aux labels (N_views, 36), answer positions per sample, questions).
+    """
+    tok = processor.tokenizer
+    texts = [processor.apply_chat_template(conversation(kind, qas), tokenize=False) for _, _, qas in samples]
+    media = [m for m, _, _ in samples]
+    key = "images" if kind == "image" else "videos"
+    inputs = processor(text=texts, padding=True, return_tensors="pt", **{key: media})
+    ids = inputs["input_ids"]
+    colon, asst = tok.convert_tokens_to_ids(":"), tok.convert_tokens_to_ids("assistant")
+    # The answer letter is the token right after "assistant :"; its <eos> follows it.
+    is_answer = torch.zeros_like(ids, dtype=torch.bool)
+    is_answer[:, 2:] = (ids[:, 1:-1] == colon) & (ids[:, :-2] == asst)
+    labels = torch.full_like(ids, -100)
+    labels[is_answer] = ids[is_answer]
+    is_eos = torch.zeros_like(is_answer)
+    is_eos[:, 1:] = is_answer[:, :-1]
+    labels[is_eos] = ids[is_eos]
+    inputs["labels"] = labels
+    if kind == "image":
+        # pixel_values is (B, 2, 3, 96, 96): base view + one crop, both show the whole image.
+        aux = torch.from_numpy(np.stack([lab for _, lab, _ in samples])).repeat_interleave(2, dim=0)
+    else:
+        aux = torch.from_numpy(np.concatenate([lab for _, lab, _ in samples]))
+    return dict(inputs), aux, is_answer, [qas for _, _, qas in samples]
+
+
+class VisionCapture:
+    """Forward hook keeping the vision-tower hidden state the projector reads (before post-layernorm)."""
+
+    def __init__(self, model):
+        self.features = None
+        self.handle = model.model.vision_tower.register_forward_hook(self.hook)
+
+    def hook(self, module, args, output):
+        self.features = output.hidden_states[-1]  # (N_views, 36, C)
+
+
+def step_loss(model, aux_head, capture, batch, aux_weight: float):
+    inputs, aux, is_answer, _ = batch
+    out = model(**inputs)
+    feats = capture.features
+    aux_loss = F.cross_entropy(aux_head(feats).flatten(0, 1), aux.flatten())
+    return out.loss + aux_weight * aux_loss, out.loss.item(), aux_loss.item(), out.logits
+
+
+@torch.no_grad()
+def heldout_accuracy(model, processor, batches) -> dict[str, float]:
+    """Option-letter accuracy on fixed held-out batches (first question of each sample counts)."""
+    letter_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(toy.LETTERS)))
+    rows: dict[str, list[bool]] = {}
+    model.eval()
+    for inputs, _, is_answer, qas in batches:
+        logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        for b, q in enumerate(qas):
+            pos = int(is_answer[b].nonzero()[0]) - 1  # logits at t-1 predict token t
+            n = len(q[0]["options"])
+            pred = toy.LETTERS[int(logits[b, pos, letter_ids[:n]].argmax())]
+            rows.setdefault(q[0]["category"], []).append(pred == q[0]["answer"])
+    model.train()
+    return {k: sum(v) / len(v) for k, v in rows.items()}
+
+
+def save(model, processor, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("tokreduce/toy/checkpoint"))
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --minutes)")
+    p.add_argument("--minutes", type=float, default=None, help="train for about this long instead of --steps")
+    p.add_argument("--image-batch", type=int, default=48)
+    p.add_argument("--video-batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--aux-weight", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    if (a.steps is None) == (a.minutes is None):
+        raise ValueError("pass exactly one of --steps or --minutes")
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+
+    processor = build_processor()
+    model = build_model(processor.tokenizer, a.seed).train()
+    c = model.config.vision_config.hidden_size
+    aux_head = torch.nn.Linear(c, D.NUM_AUX_CLASSES)
+    capture = VisionCapture(model)
+    params = list(model.parameters()) + list(aux_head.parameters())
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {model.config.model_type}, {n_params / 1e6:.2f}M parameters, vocab {len(processor.tokenizer)}")
+
+    # Fixed held-out samples from their own seed (the shipped test split is evaluated at the end).
+    val_rng = random.Random(f"val-{a.seed}")
+    val = [collate(processor, "image", [sample_image(val_rng, 7, 1) for _ in range(50)]) for _ in range(4)]
+    val += [collate(processor, "video", [sample_video(val_rng) for _ in range(40)]) for _ in range(2)]
+
+    rng = random.Random(f"train-{a.seed}")
+    # Time one step to turn --minutes into a step count, so the LR schedule knows its length.
+    total = a.steps
+    if total is None:
+        t0 = time.perf_counter()
+        for _ in range(3):
+            b = collate(processor, "image", [sample_image(rng, 2, 4) for _ in range(a.image_batch)])
+            v = collate(processor, "video", [sample_video(rng) for _ in range(a.video_batch)])
+            (step_loss(model, aux_head, capture, b, a.aux_weight)[0] * 0).backward()
+            (step_loss(model, aux_head, capture, v, a.aux_weight)[0] * 0).backward()
+        opt.zero_grad(set_to_none=True)
+        per_step = (time.perf_counter() - t0) / 3
+        total = max(10, int(a.minutes * 60 / (per_step * 1.08)))  # 8 % margin for evaluation
+        print(f"{per_step:.2f} s/step -> {total} steps")
+    warmup = min(100, total // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return a.lr * (step + 1) / warmup
+        return a.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+    start = time.perf_counter()
+    bar = tqdm(range(total), desc="train", unit="step")
+    for step in bar:
+        # Curriculum: 2 objects at first, up to 7 by 40 % of the run.
+        max_objects = min(7, 2 + int(6 * step / (0.4 * total)))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        ib = collate(processor, "image", [sample_image(rng, max_objects, 4) for _ in range(a.image_batch)])
+        vb = collate(processor, "video", [sample_video(rng) for _ in range(a.video_batch)])
+        loss_i, lm_i, aux_i, _ = step_loss(model, aux_head, capture, ib, a.aux_weight)
+        loss_v, lm_v, aux_v, _ = step_loss(model, aux_head, capture, vb, a.aux_weight)
+        opt.zero_grad(set_to_none=True)
+        (loss_i + loss_v).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.set_postfix(lm_img=f"{lm_i:.3f}", lm_vid=f"{lm_v:.3f}", aux=f"{(aux_i + aux_v) / 2:.3f}", objs=max_objects)
+        if (step + 1) % a.eval_every == 0 or step + 1 == total:
+            acc = heldout_accuracy(model, processor, val)
+            mins = (time.perf_counter() - start) / 60
+            tqdm.write(f"step {step + 1} ({mins:.1f} min) held-out: " + " ".join(f"{k}={v:.2f}" for k, v in acc.items()))
+            save(model, processor, a.out)  # keep the latest weights even if the run is stopped
+
+    capture.handle.remove()
+    save(model, processor, a.out)
+    print(f"trained {total} steps in {(time.perf_counter() - start) / 60:.1f} min; saved to {a.out}")
+
+    # Final check through the public loading path on the shipped test split, by greedy generation.
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(a.out).eval()
+    processor = AutoProcessor.from_pretrained(a.out)
+    if toy.data_path().is_file():
+        result = toy.evaluate(model, processor, toy.load_items(), mode="generate", progress=True)
+        print(toy.format_table(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The pure token-reduction algorithms, usable on plain tensors (no model, no hooks)."""
+
+from .methods.dart import dart
+from .methods.divprune import divprune
+from .methods.dycoke import dycoke_keep_mask, dycoke_kv_select, dycoke_ttm
+from .methods.framefusion import frame_merge
+from .methods.pool import pool_assignment
+from .methods.random import random_scores
+from .methods.tome import bipartite_soft_matching, parse_r, tome
+from .methods.uniform import uniform_indices
+from .methods.visionzip import visionzip, visionzip_select
+from .selection import budget
+
+__all__ = [
+    "bipartite_soft_matching",
+    "budget",
+    "dart",
+    "divprune",
+    "dycoke_keep_mask",
+    "dycoke_kv_select",
+    "dycoke_ttm",
+    "frame_merge",
+    "parse_r",
+    "pool_assignment",
+    "random_scores",
+    "tome",
+    "uniform_indices",
+    "visionzip",
+    "visionzip_select",
+]

@@ -1,0 +1,150 @@
+"""ToMe: bipartite soft matching, merging the most similar token pairs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..base import Reducer, check_range
+from ..context import TokenContext
+from ..registry import register_reducer
+from ..selection import Selection
+from ..similarity import cosine_max
+
+
+def bipartite_soft_matching(metric: Tensor, r: int, protected: int = 0) -> Selection:
+    """ToMe's matching step as a Selection. metric: (B, N, C) -> Selection of N - r tokens.
+
+    A = even indices, B = odd indices. Every A token finds its most cosine-similar B token; the r A tokens
+    with the highest such score merge into their partners (ties to the lower index), the rest stay. The
+    first ``protected`` tokens are never merged away (their A rows are excluded) and never absorb others
+    (their B columns are excluded). ``r`` is clamped to ``(N - protected) // 2``; r <= 0 is the identity.
+    A merged group is represented by its B partner; output tokens are in ascending original order.
+    """
+    b, n, _ = metric.shape
+    r = min(r, (n - protected) // 2)
+    if r <= 0:
+        return Selection.identity(b, n, metric.device)
+    device = metric.device
+    a_idx = torch.arange(0, n, 2, device=device)
+    b_idx = torch.arange(1, n, 2, device=device)
+    a_metric, b_metric = metric[:, a_idx], metric[:, b_idx]
+    score, partner = _best_partner(a_metric, b_metric, b_idx < protected)
+    score = score.masked_fill(a_idx < protected, -float("inf"))
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices  # (B, |A|)
+    merged_a = order[:, :r]
+    # slot of every original token among the survivors (B tokens and unmerged A tokens)
+    survives = torch.ones(b, n, dtype=torch.bool, device=device)
+    survives[torch.arange(b, device=device)[:, None], a_idx[merged_a]] = False
+    slot = survives.long().cumsum(-1) - 1
+    assign = slot.clone()
+    rows = torch.arange(b, device=device)[:, None]
+    dst = b_idx[partner.gather(1, merged_a)]
+    assign[rows, a_idx[merged_a]] = slot.gather(1, dst)
+    index = survives.nonzero()[:, 1].view(b, n - r)
+    return Selection(index=index, num_tokens=n, assign=assign)
+
+
+def _best_partner(a: Tensor, b: Tensor, b_excluded: Tensor) -> tuple[Tensor, Tensor]:
+    """(max, argmax) over B of cos(A_i, B_j), skipping excluded B columns."""
+    if not b_excluded.any():
+        return cosine_max(a, b)
+    keep = (~b_excluded).nonzero().squeeze(-1)
+    score, partner = cosine_max(a, b[:, keep])
+    return score, keep[partner]
+
+
+def tome(
+    x: Tensor, r: int, metric: Tensor | None = None, size: Tensor | None = None, protected: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge r tokens of x by bipartite soft matching (one ToMe step).
+
+    Args:
+        x: (B, N, C) tokens.
+        r: tokens to remove; clamped to (N - protected) // 2, r <= 0 returns x unchanged.
+        metric: (B, N, D) similarity features (a ViT block's keys averaged over heads); defaults to x.
+        size: (B, N, 1) tokens each input already stands for; defaults to ones.
+        protected: leading tokens never merged (a CLS token).
+
+    Returns:
+        x_out: (B, N - r, C) size-weighted means, in x.dtype.
+        size_out: (B, N - r, 1) summed sizes.
+        index: (B, N - r) each output token's representative original index (B partner for merged groups), ascending.
+
+    Based on ToMe (Bolya et al., "Token Merging: Your ViT but Faster", arXiv 2210.09461).
+    """
+    selection = bipartite_soft_matching(x if metric is None else metric, r, protected)
+    if size is None:
+        size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=torch.float32)
+    return selection.merge(x, size), selection.sizes(size), selection.index
+
+
+def parse_r(r, num_layers: int) -> list[int]:
+    """Per-layer merge counts from an int (constant), a list (one per layer) or (r, inflection) like ToMe.
+
+    (r, inflection) ramps linearly: inflection 0 is constant, +1 merges more late, -1 more early.
+    """
+    if isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], float):
+        value, inflection = r
+        start, end = value * (1 - inflection), value * (1 + inflection)
+        step = (end - start) / max(num_layers - 1, 1)
+        return [int(round(start + step * i)) for i in range(num_layers)]
+    if isinstance(r, (list, tuple)):
+        if len(r) != num_layers:
+            raise ValueError(f"r as a list needs one entry per layer ({num_layers}), got {len(r)}")
+        return [int(v) for v in r]
+    return [int(r)] * num_layers
+
+
+@register_reducer("tome")
+@dataclass
+class ToMeReducer(Reducer):
+    """ToMe: merge the most similar tokens by bipartite soft matching, with size-weighted means.
+
+    Inside a ViT (``stage="vision"``) ``r`` tokens are merged in every block between attention and MLP,
+    with proportional attention (log size added to the logits). On visual tokens before the LLM
+    (``stage="pre_llm"``) matching runs on the tokens themselves, repeated until ``keep`` is met, since one
+    bipartite step can remove at most half of the tokens.
+
+    Based on ToMe (Bolya et al., "Token Merging: Your ViT but Faster", arXiv 2210.09461).
+
+    Args:
+        keep: visual tokens kept per span before the LLM (fraction or count).
+        r: tokens merged per ViT block: int, per-layer list, or (r, inflection) (vision stage; default 0).
+        stage: "pre_llm" (default) or "vision".
+        protected: leading tokens never merged (default 0; the adapters protect CLS tokens themselves).
+    """
+
+    r: int | list | tuple = 0
+    stage: str = "pre_llm"
+    protected: int = 0
+    stages: ClassVar[tuple[str, ...]] = ("vision", "pre_llm")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.stage not in self.stages:
+            raise ValueError(f"stage must be one of {self.stages} for tome, got {self.stage!r}")
+        check_range("protected", self.protected, 0, 1 << 20, integer=True)
+        values = self.r if isinstance(self.r, (list, tuple)) else [self.r]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < -1 for v in values):
+            raise ValueError(f"r must be an int >= 0, a list of them, or (r, inflection), got {self.r!r}")
+
+    def num_kept(self, n: int, grid=None) -> int:
+        protected = min(self.protected, n)
+        return max(super().num_kept(n, grid), protected + (1 if n > protected else 0))
+
+    def _select(self, tokens: Tensor, k: int, ctx: TokenContext) -> Selection:
+        protected = max(self.protected, ctx.protected)
+        metric = ctx.metric if ctx.metric is not None else tokens
+        size = ctx.size
+        selection = Selection.identity(tokens.shape[0], tokens.shape[1], tokens.device)
+        while selection.num_kept > k:
+            current = selection.merge(metric, size)
+            step = bipartite_soft_matching(current, selection.num_kept - k, protected)
+            if step.is_identity:
+                break
+            selection = selection.compose(step)
+        return selection

@@ -1,0 +1,157 @@
+"""VisionZip: dominant tokens by attention plus contextual tokens from merging the rest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..base import Reducer, check_range, top_k_sorted
+from ..context import TokenContext
+from ..registry import register_reducer
+from ..selection import Selection
+from ..similarity import cosine_max
+
+
+def split_budget(k: int) -> tuple[int, int]:
+    """(dominant, contextual) for a total of k tokens, in the paper's LLaVA proportion 54:10 (= 27:5)."""
+    dominant = min(k, round(k * 27 / 32))
+    return dominant, k - dominant
+
+
+def visionzip_select(attention: Tensor, metric: Tensor, dominant: int, contextual: int, protected: int = 0) -> Selection:
+    """VisionZip's choice as a Selection of N tokens (index ascending; assign maps joiners to their target).
+
+    Args:
+        attention: (B, N) attention each token receives (CLS row or column sums).
+        metric: (B, N, D) similarity features (the layer's keys averaged over heads).
+        dominant: dominant tokens kept by attention (protected tokens count towards it).
+        contextual: contextual targets; clamped so that dominant + contextual <= N.
+        protected: leading tokens that are always dominant (a CLS token).
+    """
+    b, n = attention.shape
+    dominant = max(min(dominant, n), min(protected, n))
+    contextual = max(0, min(contextual, n - dominant))
+    device = attention.device
+    scores = attention.float().masked_fill(torch.arange(n, device=device) < protected, float("inf"))
+    dom = top_k_sorted(scores, dominant)  # (B, Kd)
+    rest_mask = torch.ones(b, n, dtype=torch.bool, device=device)
+    rest_mask.scatter_(1, dom, False)
+    rest = rest_mask.nonzero()[:, 1].view(b, n - dominant)  # remaining patches, original order
+    n_rem = n - dominant
+    if contextual == 0:
+        return Selection(index=dom, num_tokens=n)
+    step = max(1, n_rem // contextual)
+    target_pos = torch.arange(0, n_rem, step, device=device)[:contextual]
+    is_target = torch.zeros(n_rem, dtype=torch.bool, device=device)
+    is_target[target_pos] = True
+    targets, joiners = rest[:, target_pos], rest[:, ~is_target]  # original indices, (B, Kc) and (B, J)
+    gather = lambda idx: metric.gather(1, idx[..., None].expand(-1, -1, metric.shape[-1]))  # noqa: E731
+    _, best = cosine_max(gather(joiners), gather(targets))  # (B, J): target each joiner goes to
+    index = torch.cat([dom, targets], dim=1).sort(dim=-1).values
+    assign = torch.empty(b, n, dtype=torch.long, device=device)
+    assign.scatter_(1, index, torch.arange(index.shape[1], device=device).expand(b, -1).contiguous())
+    assign.scatter_(1, joiners, assign.gather(1, targets.gather(1, best)))
+    return Selection(index=index, num_tokens=n, assign=assign)
+
+
+def _contextual_values(hidden: Tensor, selection: Selection) -> Tensor:
+    """(B, K, C): each kept token plus the mean of the tokens that joined it (VisionZip's aggregation)."""
+    if selection.assign is None:
+        return selection.gather(hidden)
+    b, n, c = hidden.shape
+    kept = selection.gather(hidden).float()
+    joined = selection.assign.clone()
+    joined.scatter_(1, selection.index, -1)  # kept tokens are not their own joiners
+    valid = (joined >= 0).unsqueeze(-1)
+    slot = joined.clamp(min=0).unsqueeze(-1)
+    total = torch.zeros(b, selection.num_kept, c, device=hidden.device).scatter_add_(
+        1, slot.expand(b, n, c), hidden.float() * valid
+    )
+    count = torch.zeros(b, selection.num_kept, 1, device=hidden.device).scatter_add_(1, slot, valid.float())
+    return (kept + total / count.clamp(min=1)).to(hidden.dtype)
+
+
+def visionzip(hidden: Tensor, attention: Tensor, metric: Tensor, dominant: int, contextual: int) -> Tensor:
+    """VisionZip on patch tokens: (B, N, C) -> (B, dominant + contextual, C), in the paper's order.
+
+    Dominant tokens are the ``dominant`` patches receiving the most attention, in original order. From the
+    remaining patches ``contextual`` targets are taken uniformly by position (step = max(1, n_rem //
+    contextual)); every other remaining patch joins its most cosine-similar target on ``metric``; a
+    contextual token is target + mean of its joiners. Output = dominant tokens, then contextual tokens.
+    dominant + contextual is clamped to N.
+
+    Args:
+        hidden: (B, N, C) patch tokens (no CLS).
+        attention: (B, N) attention received per patch (CLS attention summed over heads, or column sums).
+        metric: (B, N, D) keys averaged over heads.
+
+    Based on VisionZip (Yang et al., arXiv 2412.04467).
+    """
+    selection = visionzip_select(attention, metric, dominant, contextual)
+    values = _contextual_values(hidden, selection)
+    b, n = attention.shape
+    dominant = min(dominant, n)
+    is_dom = torch.zeros(b, n, dtype=torch.bool, device=hidden.device)
+    is_dom.scatter_(1, top_k_sorted(attention.float(), dominant), True)
+    dom_slot = is_dom.gather(1, selection.index)  # (B, K) which outputs are dominant
+    order = torch.sort((~dom_slot).long(), dim=-1, stable=True).indices
+    return values.gather(1, order[..., None].expand(-1, -1, values.shape[-1]))
+
+
+@register_reducer("visionzip")
+@dataclass
+class VisionZipReducer(Reducer):
+    """VisionZip: keep the most-attended (dominant) tokens and merge the rest into a few contextual tokens.
+
+    In a VLM it acts inside the vision encoder at the layer whose output the model uses, scoring with that
+    layer's attention (CLS row for CLIP, attention received for encoders without CLS) and its keys. Output
+    tokens are placed in ascending order of their representative index (so positions stay monotone);
+    ``tokreduce.functional.visionzip`` returns the paper's [dominant, contextual] order instead.
+
+    Based on VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary", arXiv 2412.04467).
+
+    Args:
+        keep: tokens kept per span when ``dominant`` / ``contextual`` are not given, split 54:10.
+        dominant: dominant tokens (default None: from keep). LLaVA-1.5 paper settings: 54, 108, 162.
+        contextual: contextual tokens (default None: from keep). LLaVA-1.5 paper settings: 10, 20, 30.
+    """
+
+    dominant: int | None = None
+    contextual: int | None = None
+    stage: ClassVar[str] = "vision"
+
+    def __post_init__(self):
+        super().__post_init__()
+        for knob in ("dominant", "contextual"):
+            value = getattr(self, knob)
+            if value is not None:
+                check_range(knob, value, 0, 1 << 20, integer=True)
+        if (self.dominant is None) != (self.contextual is None):
+            raise ValueError("set both dominant and contextual, or neither (then keep decides)")
+        if self.dominant is not None and self.dominant + self.contextual == 0:
+            raise ValueError("dominant + contextual must be >= 1")
+
+    def split(self, n: int) -> tuple[int, int]:
+        """(dominant, contextual) for a span of n tokens, clamped to n."""
+        if self.dominant is None:
+            return split_budget(super().num_kept(n))
+        dominant = min(self.dominant, n)
+        return dominant, min(self.contextual, n - dominant)
+
+    def num_kept(self, n: int, grid=None) -> int:
+        return sum(self.split(n))
+
+    def _select(self, tokens: Tensor, k: int, ctx: TokenContext) -> Selection:
+        attention = ctx.require("attention", self.name)
+        metric = ctx.metric if ctx.metric is not None else tokens
+        dominant, contextual = self.split(tokens.shape[1])
+        return visionzip_select(attention, metric, dominant, contextual, ctx.protected)
+
+    def reduce(self, tokens: Tensor, ctx: TokenContext | None = None) -> tuple[Tensor, Selection]:
+        selection = self.select(tokens, ctx)
+        if selection.is_identity:
+            return tokens, selection
+        return _contextual_values(tokens, selection), selection

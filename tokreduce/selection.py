@@ -1,0 +1,120 @@
+"""Selection: the one result type every reducer returns, and the helpers that apply it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def budget(n: int, keep: float | int) -> int:
+    """Number of tokens kept out of ``n`` for the shared ``keep`` knob.
+
+    A float in (0, 1] is a fraction: ``max(1, round(keep * n))``; an int >= 1 is a count: ``min(keep, n)``.
+    ``n == 0`` keeps nothing. Validation of ``keep`` itself lives in :class:`tokreduce.Reducer`.
+    """
+    if n <= 0:
+        return 0
+    if isinstance(keep, bool):
+        raise ValueError(f"keep must be a fraction in (0, 1] or a count >= 1, got {keep!r}")
+    if isinstance(keep, int):
+        return min(keep, n)
+    return min(n, max(1, round(keep * n)))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which of N input tokens survive, and (for merges) where every input token went.
+
+    Attributes:
+        index: (B, K) long, ascending. The original position each output token represents (the kept token
+            itself, or the representative of a merged group).
+        assign: (B, N) long or None. Output slot in [0, K) that each input token folds into, or -1 for a token
+            that is dropped rather than merged; None for pure pruning, where dropped tokens simply vanish.
+        num_tokens: N, the number of input tokens.
+
+    ``gather`` and ``merge`` apply the selection to any tensor aligned with the N input tokens (features,
+    position ids, masks, input ids, source maps for overlays), so everything stays in lockstep.
+    """
+
+    index: Tensor
+    num_tokens: int
+    assign: Tensor | None = None
+
+    @staticmethod
+    def identity(batch: int, n: int, device: torch.device | str | None = None) -> Selection:
+        """The selection that keeps all ``n`` tokens of each of ``batch`` samples."""
+        index = torch.arange(n, device=device).expand(batch, n).contiguous()
+        return Selection(index=index, num_tokens=n)
+
+    @staticmethod
+    def from_index(index: Tensor, n: int) -> Selection:
+        """A pruning selection from (B, K) kept indices in any order; they are sorted here."""
+        return Selection(index=index.sort(dim=-1).values, num_tokens=n)
+
+    @property
+    def num_kept(self) -> int:
+        return self.index.shape[-1]
+
+    @property
+    def is_identity(self) -> bool:
+        return self.num_kept == self.num_tokens and self.assign is None
+
+    def gather(self, x: Tensor) -> Tensor:
+        """(B, N, *) -> (B, K, *): the rows at ``index`` (representatives for merges)."""
+        index = self.index.to(x.device)
+        index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+        return x.gather(1, index)
+
+    def merge(self, x: Tensor, size: Tensor | None = None) -> Tensor:
+        """(B, N, C) -> (B, K, C): size-weighted mean of each group (ToMe's merge_wavg).
+
+        Pure pruning selections fall back to :meth:`gather`. ``size`` is (B, N, 1), the number of original
+        tokens each input already stands for (ones when None). Accumulates in float32, returns ``x.dtype``.
+        """
+        if self.assign is None:
+            return self.gather(x)
+        b, n, c = x.shape
+        weight = torch.ones(b, n, 1, device=x.device) if size is None else size.to(x.device, torch.float32)
+        assign = self.assign.to(x.device).unsqueeze(-1)
+        weight = weight * (assign >= 0)
+        assign = assign.clamp(min=0)
+        total = torch.zeros(b, self.num_kept, c, device=x.device, dtype=torch.float32)
+        total.scatter_add_(1, assign.expand(b, n, c), x.float() * weight)
+        mass = torch.zeros(b, self.num_kept, 1, device=x.device, dtype=torch.float32)
+        mass.scatter_add_(1, assign, weight)
+        return (total / mass).to(x.dtype)
+
+    def sizes(self, size: Tensor | None = None) -> Tensor:
+        """(B, K, 1) float: original tokens behind each output token (sizes add up to N, or to sum(size))."""
+        b = self.index.shape[0]
+        if size is None:
+            size = torch.ones(b, self.num_tokens, 1, device=self.index.device)
+        if self.assign is None:
+            return self.gather(size)
+        assign = self.assign.to(size.device).unsqueeze(-1)
+        mass = torch.zeros(b, self.num_kept, 1, device=size.device, dtype=size.dtype)
+        return mass.scatter_add_(1, assign.clamp(min=0), size * (assign >= 0))
+
+    def groups(self) -> Tensor:
+        """(B, N) long: output slot of every input token; -1 for pruned tokens. For overlays and merge maps."""
+        if self.assign is not None:
+            return self.assign
+        b = self.index.shape[0]
+        out = torch.full((b, self.num_tokens), -1, dtype=torch.long, device=self.index.device)
+        slots = torch.arange(self.num_kept, device=self.index.device).expand(b, -1)
+        return out.scatter_(1, self.index, slots)
+
+    def compose(self, later: Selection) -> Selection:
+        """This selection followed by ``later`` (which acts on this one's K outputs), as one selection of N."""
+        if later.num_tokens != self.num_kept:
+            raise ValueError(f"cannot compose: later selection expects {later.num_tokens} tokens, got {self.num_kept}")
+        index = self.index.gather(1, later.index)
+        if self.assign is None and later.assign is None:
+            return Selection(index=index, num_tokens=self.num_tokens)
+        first = self.groups()
+        second = later.groups()
+        valid = first >= 0
+        assign = torch.where(valid, second.gather(1, first.clamp(min=0)), torch.full_like(first, -1))
+        return Selection(index=index, num_tokens=self.num_tokens, assign=assign)
