@@ -53,3 +53,39 @@ def cosine_max(a: Tensor, b: Tensor, *, backend: str = "auto") -> tuple[Tensor, 
 def aligned_cosine(a: Tensor, b: Tensor) -> Tensor:
     """Row-wise cosine of position-aligned tokens: a, b (..., N, C) -> (..., N) float32."""
     return F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8)
+
+
+def attention_row(
+    query: Tensor, key: Tensor, scale: float | None = None, key_mask: Tensor | None = None, *, backend: str = "auto"
+) -> Tensor:
+    """Post-softmax attention of the last Q queries to all N keys, averaged over heads and queries.
+
+    The one row FastV-style methods need, computed from q and k (RoPE already applied) instead of asking
+    the model for eager attention weights. Softmax runs in float32. Causal: query i of the Q (the token at
+    position N - Q + i) sees keys 0 .. N - Q + i. Grouped-query attention is handled by repeating key heads.
+
+    Args:
+        query: (B, H, Q, D) the last Q query states.
+        key: (B, Hk, N, D) key states, Hk divides H.
+        scale: logit scale, default 1 / sqrt(D).
+        key_mask: (B, N) bool, False for padding keys that nothing may attend to.
+
+    Returns:
+        (B, N) float32.
+    """
+    b, h, q, d = query.shape
+    hk, n = key.shape[1], key.shape[2]
+    if h % hk:
+        raise ValueError(f"query heads ({h}) must be a multiple of key heads ({hk})")
+    if _use_triton(backend, query, key):
+        from tokreduce.kernels.attention_row import attention_row as kernel
+
+        return kernel(query, key, scale, key_mask)
+    scale = d**-0.5 if scale is None else scale
+    key = key.repeat_interleave(h // hk, dim=1) if hk != h else key
+    logits = (query.float() @ key.float().transpose(-1, -2)) * scale  # (B, H, Q, N)
+    causal = torch.arange(n, device=query.device)[None, :] > (n - q + torch.arange(q, device=query.device))[:, None]
+    logits = logits.masked_fill(causal, -float("inf"))
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :].to(torch.bool), -float("inf"))
+    return logits.softmax(dim=-1).mean(dim=(1, 2))
