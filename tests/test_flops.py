@@ -1,0 +1,55 @@
+"""flops.py against counts done by hand."""
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from tokreduce.flops import LMShape, ViTShape, decode_flops, kv_cache_bytes, layer_lengths, prefill_flops, projector_flops, vit_flops
+
+# hidden 4, 2 heads of dim 2, 1 kv head, MLP 8, vocab 10, 2 layers
+TINY = LMShape(hidden=4, layers=2, heads=2, kv_heads=1, head_dim=2, intermediate=8, vocab=10)
+
+
+def test_linear_flops_by_hand():
+    # q 4*4 + k,v 2*4*2 + o 4*4 + gated MLP 3*4*8 = 16 + 16 + 16 + 96 = 144 MACs
+    assert TINY.linear_flops_per_token() == 2 * 144
+
+
+def test_prefill_by_hand():
+    # 3 tokens: causal pairs 1+2+3 = 6; attention 2 (QK, AV) * 2 * 6 * (2 heads * 2 dims) = 96 per layer
+    per_layer = 3 * 288 + 96
+    assert prefill_flops(TINY, 3) == 2 * per_layer + 2 * 4 * 10
+
+
+def test_pruning_at_layer_k_counts_full_layers_before_k():
+    lengths = layer_lengths(TINY, full=10, reduced=4, layer=1)
+    assert lengths == [10, 4]
+    layer = lambda n: n * 288 + 2 * 2 * (n * (n + 1) // 2) * 4  # noqa: E731
+    assert prefill_flops(TINY, lengths) == layer(10) + layer(4) + 80
+    with pytest.raises(ValueError, match="layer must be in"):
+        layer_lengths(TINY, 10, 4, layer=3)
+
+
+def test_decode_by_hand():
+    # context 5: attends to 6 entries; 2 * 2 * 6 * 4 = 96 per layer
+    assert decode_flops(TINY, 5) == 2 * (288 + 96) + 80
+
+
+def test_kv_bytes_by_hand():
+    # 2 (k and v) * 1 kv head * 2 dims * 2 bytes = 8 bytes per token per layer
+    assert kv_cache_bytes(TINY, [10, 4]) == 8 * 14
+    assert kv_cache_bytes(TINY, 3, dtype=torch.float32) == 16 * 6
+
+
+def test_from_hf_config():
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=100)
+    shape = LMShape.from_config(config)
+    assert (shape.head_dim, shape.kv_heads, shape.layers) == (16, 2, 3)
+
+
+def test_vit_and_projector_by_hand():
+    shape = ViTShape(hidden=2, layers=1, intermediate=4)
+    # n=3: 2*3*(4*4 + 2*2*4) + 2*2*9*2
+    assert vit_flops(shape, 3) == 2 * 3 * (16 + 16) + 72
+    assert projector_flops(2, 3, tokens=5) == 2 * 5 * (6 + 9)

@@ -1,0 +1,120 @@
+"""Analytic FLOPs and KV-cache bytes for a VLM config and token counts.
+
+Conventions (state them wherever numbers are reported): one multiply-add = 2 FLOPs; matrix products
+only (norms, softmax, rotary and activations are ignored, < 1 % at these sizes); causal self-attention
+counts the scores actually computed, sum over query i of (i + 1) keys, for QK^T and for AV; prefill
+computes lm_head logits for the last token only, as ``generate`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LMShape:
+    """The dimensions of a decoder-only language model that FLOPs depend on."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    gated_mlp: bool = True
+
+    @staticmethod
+    def from_config(config) -> LMShape:
+        """From a text config (LlamaConfig, Qwen2Config, ...) or a VLM config holding ``text_config``."""
+        config = getattr(config, "text_config", None) or config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return LMShape(
+            hidden=config.hidden_size,
+            layers=config.num_hidden_layers,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            intermediate=config.intermediate_size,
+            vocab=config.vocab_size,
+        )
+
+    def linear_flops_per_token(self) -> int:
+        """q, k, v, o projections and the MLP of one layer, for one token."""
+        q = self.hidden * self.heads * self.head_dim
+        kv = 2 * self.hidden * self.kv_heads * self.head_dim
+        o = self.heads * self.head_dim * self.hidden
+        mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+        return 2 * (q + kv + o + mlp)
+
+
+def _per_layer(lengths: int | list[int], layers: int) -> list[int]:
+    if isinstance(lengths, int):
+        return [lengths] * layers
+    if len(lengths) != layers:
+        raise ValueError(f"need one length per layer ({layers}), got {len(lengths)}")
+    return list(lengths)
+
+
+def layer_lengths(shape: LMShape, full: int, reduced: int, layer: int = 0) -> list[int]:
+    """Sequence length per decoder layer when visual tokens are pruned at ``layer`` (0 = before the LLM)."""
+    if not 0 <= layer <= shape.layers:
+        raise ValueError(f"layer must be in [0, {shape.layers}], got {layer}")
+    return [full] * layer + [reduced] * (shape.layers - layer)
+
+
+def prefill_flops(shape: LMShape, lengths: int | list[int]) -> int:
+    """FLOPs of one prefill whose layer i processes ``lengths[i]`` tokens (an int: every layer)."""
+    total = 0
+    for n in _per_layer(lengths, shape.layers):
+        causal_pairs = n * (n + 1) // 2
+        total += n * shape.linear_flops_per_token() + 2 * 2 * causal_pairs * shape.heads * shape.head_dim
+    return total + 2 * shape.hidden * shape.vocab
+
+
+def decode_flops(shape: LMShape, context: int | list[int]) -> int:
+    """FLOPs of one decode step whose layer i attends to ``context[i]`` cached entries plus itself."""
+    total = 0
+    for s in _per_layer(context, shape.layers):
+        total += shape.linear_flops_per_token() + 2 * 2 * (s + 1) * shape.heads * shape.head_dim
+    return total + 2 * shape.hidden * shape.vocab
+
+
+def kv_cache_bytes(shape: LMShape, lengths: int | list[int], dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of keys and values held for ``lengths[i]`` tokens in layer i."""
+    per_token = 2 * shape.kv_heads * shape.head_dim * torch.empty((), dtype=dtype).element_size()
+    return sum(per_token * n for n in _per_layer(lengths, shape.layers))
+
+
+@dataclass(frozen=True)
+class ViTShape:
+    """Dimensions of a ViT encoder (CLIP, SigLIP, Qwen-VL's ViT)."""
+
+    hidden: int
+    layers: int
+    intermediate: int
+    gated_mlp: bool = False
+
+    @staticmethod
+    def from_config(config) -> ViTShape:
+        config = getattr(config, "vision_config", None) or config
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "embed_dim")
+        intermediate = getattr(config, "intermediate_size", None) or int(hidden * getattr(config, "mlp_ratio", 4))
+        return ViTShape(hidden=hidden, layers=getattr(config, "num_hidden_layers", None) or config.depth, intermediate=intermediate)
+
+
+def vit_flops(shape: ViTShape, tokens: int | list[int]) -> int:
+    """FLOPs of a ViT whose block i sees ``tokens[i]`` tokens (full bidirectional attention)."""
+    total = 0
+    mlp = (3 if shape.gated_mlp else 2) * shape.hidden * shape.intermediate
+    for n in _per_layer(tokens, shape.layers):
+        total += 2 * n * (4 * shape.hidden * shape.hidden + mlp) + 2 * 2 * n * n * shape.hidden
+    return total
+
+
+def projector_flops(vision_hidden: int, text_hidden: int, tokens: int, layers: int = 2) -> int:
+    """LLaVA's MLP projector (Linear, GELU, Linear) on ``tokens`` visual tokens."""
+    return 2 * tokens * (vision_hidden * text_hidden + (layers - 1) * text_hidden * text_hidden)
