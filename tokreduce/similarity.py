@@ -20,11 +20,16 @@ def _use_triton(backend: str, *tensors: Tensor) -> bool:
     if backend == "torch":
         return False
     from tokreduce.kernels import triton_available
+    from tokreduce.kernels.utils import can_launch
 
     if backend == "triton":
         if not triton_available():
             raise ValueError('backend="triton" needs the triton package: pip install "tokreduce[triton]"')
+        if not can_launch(*tensors):
+            devices = sorted({str(t.device) for t in tensors})
+            raise ValueError(f'backend="triton" needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {devices}')
         return True
+    # auto: the interpreter is a test tool, far slower than torch, so only real CUDA tensors go to Triton.
     return all(t.is_cuda for t in tensors) and triton_available()
 
 
@@ -48,6 +53,29 @@ def cosine_max(a: Tensor, b: Tensor, *, backend: str = "auto") -> tuple[Tensor, 
 
         return kernel(a, b)
     return cosine_matrix(a, b).max(dim=-1)
+
+
+def greedy_maxmin(x: Tensor, k: int, *, backend: str = "auto") -> Tensor:
+    """Greedy max-min diversity selection on cosine distance (DivPrune): x (B, N, C) -> (B, k) long, ascending.
+
+    d(i, j) = 1 - cos(x_i, x_j) in float32; the first pick is the token farthest from its nearest other token,
+    each next pick the token farthest from its nearest pick; ties go to the lower index. k is clamped to
+    [0, N]; k >= N returns every index. The torch path is ``tokreduce.methods.divprune.divprune_torch``
+    (an (N, N) matrix); the Triton path streams x once per pick and keeps O(N) state.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"x must be (B, N, C), got shape {tuple(x.shape)}")
+    b, n, _ = x.shape
+    k = max(0, min(int(k), n))
+    if k == 0:
+        return torch.empty(b, 0, dtype=torch.long, device=x.device)
+    if _use_triton(backend, x):
+        from tokreduce.kernels.divprune import greedy_maxmin as kernel
+
+        return kernel(x, k)
+    from tokreduce.methods.divprune import divprune_torch  # lazy: the method module imports this one
+
+    return divprune_torch(x, k)
 
 
 def aligned_cosine(a: Tensor, b: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from ..base import Reducer
 from ..context import TokenContext
 from ..registry import register_reducer
 from ..selection import Selection
-from ..similarity import cosine_matrix
+from ..similarity import cosine_matrix, greedy_maxmin
 
 
 def divprune(x: Tensor, k: int) -> Tensor:
@@ -25,8 +25,16 @@ def divprune(x: Tensor, k: int) -> Tensor:
     Deviation from the reference: tokens already picked are excluded explicitly. The reference relies on
     d(i, i) = 0 and can pick a token twice when every remaining distance is 0 (duplicate tokens).
 
+    On CUDA with Triton installed the loop runs as a fused kernel (``tokreduce.similarity.greedy_maxmin``,
+    O(N) memory instead of the (N, N) matrix); the picks are the same.
+
     Based on DivPrune (Alvar et al., CVPR 2025, arXiv 2503.02175).
     """
+    return greedy_maxmin(x, k)
+
+
+def divprune_torch(x: Tensor, k: int) -> Tensor:
+    """The torch path of :func:`divprune`, and the reference its Triton kernel is tested against."""
     b, n, _ = x.shape
     k = max(0, min(k, n))
     if k >= n:
