@@ -1,0 +1,386 @@
+"""Pruning inside the language model: FastV / DART / FrameFusion at layer K, DyCoke's KV pruning while decoding.
+
+Both work with hooks on the decoder layers only (default SDPA attention; no eager switch, no second run of
+any layer, no duplicate KV entries):
+
+- :class:`LayerPruning` (stage ``llm``). At prefill a pre-hook on layer K-1 computes q of the last prompt
+  token(s) from that layer's normed input (``q_proj`` + the model module's own ``apply_rotary_pos_emb``);
+  a post-hook takes the layer's RoPE'd keys from its cache layer (recomputed from the input when no cache
+  is used) and forms the attention row with :func:`tokreduce.similarity.attention_row` (float32 softmax).
+  The pre-hook of layer K selects per sample and span, gathers the kept hidden states (merges for
+  FrameFusion), re-pads left, and substitutes hidden states, mask, position embeddings and position ids;
+  layers > K get the same substitutions. Layers < K keep their full cache, layers >= K only the kept
+  tokens, so ``cache.get_seq_length()`` (layer 0) still reports the full length, which is what the
+  model-level mask of layers < K needs. Decode steps: layers >= K get a mask built against their own
+  (shorter) cache by ``create_causal_mask(..., layer_idx=K)``.
+- :class:`DecodePruning` (DyCoke stage 2). At every decode step the current query's attention to the
+  visual cache entries of layer L-1 decides whether the kept set changes; layers >= L physically hold only
+  the kept visual entries between re-selections. The dropped entries are parked in a side store (on the
+  CPU when the cache is on an accelerator) so a later re-selection can bring them back.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import Tensor
+
+from tokreduce.context import Timer, TokenContext
+from tokreduce.methods.dycoke import dycoke_kv_select
+from tokreduce.similarity import attention_row
+
+from .base import Track, compact_positions, gather_last, gather_seq, left_pad_index, record_span
+
+
+def rotary_fn(attention_module):
+    """The ``apply_rotary_pos_emb`` of the module that defines this attention class (Llama, Qwen2, ...)."""
+    fn = getattr(sys.modules[type(attention_module).__module__], "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise ValueError(
+            f"{type(attention_module).__name__} has no module-level apply_rotary_pos_emb to recompute q/k with"
+        )
+    return fn
+
+
+def query_states(layer, hidden: Tensor, cos: Tensor, sin: Tensor, last: int) -> Tensor:
+    """RoPE'd queries of the last ``last`` tokens of a decoder layer's input: (B, H, Q, D).
+
+    Adapted from transformers/models/llama/modeling_llama.py (v5.x) LlamaAttention.forward: only the
+    q projection of the last tokens, on the layer's own input_layernorm output.
+    """
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden[:, -last:])
+    q = attn.q_proj(x).view(x.shape[0], last, -1, attn.head_dim).transpose(1, 2)
+    q, _ = rotary_fn(attn)(q, q, cos[:, -last:], sin[:, -last:])
+    return q
+
+
+def key_states(layer, hidden: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE'd keys of every token of a decoder layer's input: (B, Hk, N, D) (when no cache holds them)."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    k = attn.k_proj(x).view(x.shape[0], x.shape[1], -1, attn.head_dim).transpose(1, 2)
+    _, k = rotary_fn(attn)(k, k, cos, sin)
+    return k
+
+
+def cached_keys(cache, index: int, length: int) -> Tensor | None:
+    """Keys of cache layer ``index`` if it holds exactly ``length`` entries (plain dynamic layers)."""
+    if cache is None or not hasattr(cache, "layers") or index >= len(cache.layers):
+        return None
+    keys = getattr(cache.layers[index], "keys", None)
+    if isinstance(keys, Tensor) and keys.dim() == 4 and keys.shape[-2] == length:
+        return keys
+    return None
+
+
+def hidden_arg(args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def causal_mask(lm, hidden: Tensor, mask2d: Tensor, cache, positions: Tensor, layer_idx: int):
+    """The model's own mask for layers whose cache is layer ``layer_idx``'s length."""
+    from transformers.masking_utils import create_causal_mask
+
+    return create_causal_mask(
+        config=lm.config,
+        inputs_embeds=hidden,
+        attention_mask=mask2d,
+        past_key_values=cache,
+        position_ids=positions,
+        layer_idx=layer_idx if cache is not None else None,
+    )
+
+
+class LayerPruning:
+    """FastV / DART / FrameFusion: prune visual tokens from decoder layer K on (see module docstring)."""
+
+    def __init__(self, session, lm):
+        self.session = session
+        self.lm = lm
+        self.reducer = session.reducer
+        self.k = self.reducer.layer
+        n_layers = len(lm.layers)
+        if not 1 <= self.k < n_layers:
+            raise ValueError(f"{self.reducer.name}: layer must be in [1, {n_layers - 1}] for this model, got {self.k}")
+        self.queries = getattr(self.reducer, "queries", 1) if self.reducer.name == "framefusion" else 1
+        self.needs_attention = self.reducer.name != "dart"
+
+    def attach(self, hooks) -> None:
+        layers = self.lm.layers
+        if self.needs_attention:
+            hooks.post(layers[self.k - 1], self.score)
+        hooks.pre(layers[self.k], self.at_layer_k)
+        for layer in layers[self.k + 1 :]:
+            hooks.pre(layer, self.later_layer)
+
+    def prefill_run(self, hidden: Tensor):
+        """The current prompt's Run if this forward is its (not yet pruned) prefill, else None."""
+        run = self.session.run
+        if run is None or not run.spans or hidden.shape[1] != run.length or "pruned" in run.extra:
+            return None
+        return run
+
+    def score(self, module, args, kwargs, output):
+        """Post-hook of layer K-1: the last query's attention row over all N keys, (B, N) float32."""
+        hidden = hidden_arg(args, kwargs)
+        run = self.prefill_run(hidden)
+        if run is None:
+            return None
+        cos, sin = kwargs["position_embeddings"]
+        with torch.no_grad():
+            query = query_states(module, hidden, cos, sin, self.queries)
+            keys = cached_keys(kwargs.get("past_key_values"), self.k - 1, run.length)
+            if keys is None:  # no cache (or one we cannot read): one k projection, never a second layer run
+                keys = key_states(module, hidden, cos, sin)
+            run.extra["attention"] = attention_row(query, keys, module.self_attn.scaling, run.base_mask.bool())
+        self.session.state.extra["attention"] = run.extra["attention"]  # (B, N) scores, for overlays and checks
+        return None
+
+    def at_layer_k(self, module, args, kwargs):
+        hidden = hidden_arg(args, kwargs)
+        run = self.prefill_run(hidden)
+        if run is not None:
+            return self.prune(run, module, args, kwargs, hidden)
+        run = self.session.run
+        if run is None or run.extra.get("pruned") is None or run.deep is None:
+            return None
+        return self.decode_kwargs(run, args, kwargs, hidden)
+
+    def later_layer(self, module, args, kwargs):
+        run = self.session.run
+        if run is None or run.extra.get("pruned") is None:
+            return None
+        return args, {**kwargs, **run.extra["pruned"]["layer_kwargs"]}
+
+    def prune(self, run, module, args, kwargs, hidden: Tensor):
+        state, reducer = self.session.state, self.reducer
+        b, n, _ = hidden.shape
+        keep = torch.ones(b, n, dtype=torch.bool, device=hidden.device)
+        out = hidden
+        attention = run.extra.pop("attention", None)
+        keys = None
+        if reducer.name == "dart":
+            with torch.no_grad():
+                attn = module.self_attn
+                keys = attn.k_proj(module.input_layernorm(hidden))  # pre-RoPE key states of layer K, heads flattened
+        text = (~run.visual) & run.base_mask.bool()
+        with Timer(state), torch.no_grad():
+            for span in run.spans:
+                pos = span.positions.to(hidden.device)
+                tokens = hidden[span.sample, pos][None]
+                ctx = TokenContext(grid=span.piece.grid, span=span.index)
+                if attention is not None:
+                    ctx.attention = attention[span.sample, pos][None]
+                if keys is not None:
+                    t = text[span.sample].nonzero().squeeze(-1)
+                    ctx.keys = keys[span.sample, pos][None]
+                    ctx.text_hidden, ctx.text_keys = hidden[span.sample, t][None], keys[span.sample, t][None]
+                selection = reducer.select(tokens, ctx)
+                record_span(state, span, selection, "llm", int(span.positions[0]))
+                if selection.is_identity:
+                    continue
+                kept = pos[selection.index[0]]
+                keep[span.sample, pos] = False
+                keep[span.sample, kept] = True
+                if selection.assign is not None:
+                    out = out.clone() if out is hidden else out
+                    out[span.sample, kept] = selection.merge(tokens)[0].to(out.dtype)
+        if bool(keep.all()):
+            run.extra["pruned"] = None
+            return None
+        index, valid = left_pad_index(keep)
+        new_hidden = gather_seq(out, index)
+        mask2d = (gather_seq(run.base_mask, index) * valid).to(run.base_mask.dtype)
+        positions = kwargs.get("position_ids")
+        positions = torch.arange(n, device=hidden.device).expand(b, n) if positions is None else positions
+        kept_pos = gather_last(positions.expand(*positions.shape[:-2], b, n), index).masked_fill(~valid, 0)
+        cos, sin = kwargs["position_embeddings"]
+        if self.reducer.positions == "original":
+            new_pos, cos, sin = kept_pos, gather_seq(cos, index), gather_seq(sin, index)
+        else:
+            new_pos = compact_positions(kept_pos, mask2d)
+            cos, sin = self.lm.rotary_emb(new_hidden, new_pos)
+        cache = kwargs.get("past_key_values")
+        run.deep = Track(mask=mask2d, shift=(positions[..., -1] + 1) - (new_pos[..., -1] + 1))
+        layer_kwargs = {
+            "attention_mask": causal_mask(self.lm, new_hidden, mask2d, cache, new_pos, self.k),
+            "position_embeddings": (cos, sin),
+            "position_ids": new_pos,
+        }
+        run.extra["pruned"] = {"layer_kwargs": layer_kwargs, "index": index, "valid": valid}
+        return with_hidden(args, {**kwargs, **layer_kwargs}, new_hidden)
+
+    def decode_kwargs(self, run, args, kwargs, hidden: Tensor):
+        """A decode step: layers >= K attend over their own shorter cache with the reduced mask."""
+        positions = run.extra.get("decode_positions")
+        if positions is None:
+            positions = kwargs["position_ids"]
+        new_pos = positions - run.deep.shift[..., None]
+        cos, sin = kwargs["position_embeddings"]
+        if not bool((run.deep.shift == 0).all()):
+            cos, sin = self.lm.rotary_emb(hidden, new_pos)
+        cache = kwargs.get("past_key_values")
+        layer_kwargs = {
+            "attention_mask": causal_mask(self.lm, hidden, run.deep.mask, cache, new_pos, self.k),
+            "position_embeddings": (cos, sin),
+            "position_ids": new_pos,
+        }
+        run.extra["pruned"]["layer_kwargs"] = layer_kwargs
+        return args, {**kwargs, **layer_kwargs}
+
+
+class DecodePruning:
+    """DyCoke stage 2: from decoder layer L on, keep only the visual KV entries the current query attends to.
+
+    At each decode step the query's attention over layer L-1's cache (mean over heads, float32) restricted to
+    the prompt's visual entries is compared with the attention at the last re-selection
+    (:func:`tokreduce.functional.dycoke_kv_select`); when it drifted (cosine < threshold) for any sample,
+    the top (1 - P) visual entries are chosen for the samples that drifted, and the caches of layers >= L
+    are rebuilt to hold exactly the chosen visual entries (plus every text and generated entry).
+
+    Memory: layers >= L hold (1 - P) of the visual entries on the model's device. The other P are parked in
+    a side store so that a re-selection can bring them back; the store lives on the CPU when the cache is
+    on an accelerator (then the device memory of P * visual entries * (layers - L) is freed), and on the
+    same device otherwise (then nothing is freed overall; the saving is attention reads per step).
+    ``state.extra["decode"]`` reports re-selections, kept counts and the bytes moved off the device.
+    """
+
+    def __init__(self, session, lm):
+        self.session = session
+        self.lm = lm
+        self.reducer = session.reducer
+        self.layer = self.reducer.prune_layer
+        if not 1 <= self.layer < len(lm.layers):
+            raise ValueError(
+                f"dycoke: prune_layer must be in [1, {len(lm.layers) - 1}] for this model, got {self.layer}"
+            )
+
+    def attach(self, hooks) -> None:
+        layers = self.lm.layers
+        hooks.post(layers[self.layer - 1], self.score)
+        hooks.pre(layers[self.layer], self.at_layer_l)
+        for layer in layers[self.layer + 1 :]:
+            hooks.pre(layer, self.later_layer)
+
+    def decoding(self, kwargs):
+        run = self.session.run
+        cache = kwargs.get("past_key_values")
+        if run is None or run.extra.get("phase") != "decode" or cache is not run.cache or run.visual is None:
+            return None
+        return run
+
+    def score(self, module, args, kwargs, output):
+        run = self.decoding(kwargs)
+        if run is None:
+            return None
+        hidden = hidden_arg(args, kwargs)
+        cos, sin = kwargs["position_embeddings"]
+        mask0 = run.extra["mask0"]
+        with torch.no_grad():
+            query = query_states(module, hidden, cos, sin, 1)
+            keys = cached_keys(kwargs["past_key_values"], self.layer - 1, mask0.shape[1])
+            if keys is None:
+                raise ValueError("dycoke decode pruning needs a dynamic KV cache (plain DynamicCache layers)")
+            row = attention_row(query, keys, module.self_attn.scaling, mask0.bool())  # (B, S)
+        memo = run.extra.setdefault("dycoke", {"previous": [None] * row.shape[0], "chosen": [None] * row.shape[0]})
+        prefill = run.visual.shape[1]
+        changed = False
+        for b in range(row.shape[0]):  # visual counts differ per sample; the work per sample is vectorised
+            visual = run.visual[b].nonzero().squeeze(-1)
+            if visual.numel() == 0:
+                continue
+            attention = row[b, visual][None]
+            pick = dycoke_kv_select(attention, memo["previous"][b], self.reducer.prune_ratio, self.reducer.threshold)
+            if pick is not None:
+                memo["previous"][b], memo["chosen"][b], changed = attention, visual[pick[0]], True
+        memo["changed"] = changed
+        memo["prefill"] = prefill
+        return None
+
+    def at_layer_l(self, module, args, kwargs):
+        run = self.decoding(kwargs)
+        if run is None or "dycoke" not in run.extra:
+            return None
+        memo = run.extra["dycoke"]
+        cache = kwargs["past_key_values"]
+        if memo.pop("changed", False):
+            with Timer(self.session.state):
+                self.rebuild(run, memo, cache)
+        hidden = hidden_arg(args, kwargs)
+        mask0 = run.extra["mask0"]
+        deep = torch.cat([memo["prefill_mask"], mask0[:, memo["prefill"] :]], dim=1)
+        memo["layer_kwargs"] = {
+            "attention_mask": causal_mask(self.lm, hidden, deep, cache, kwargs["position_ids"], self.layer)
+        }
+        return args, {**kwargs, **memo["layer_kwargs"]}
+
+    def later_layer(self, module, args, kwargs):
+        run = self.decoding(kwargs)
+        if run is None or "layer_kwargs" not in run.extra.get("dycoke", {}):
+            return None
+        return args, {**kwargs, **run.extra["dycoke"]["layer_kwargs"]}
+
+    def rebuild(self, run, memo: dict, cache) -> None:
+        """Re-form the caches of layers >= L: non-visual prompt entries + chosen visual entries + generated."""
+        prefill = memo["prefill"]
+        keep = ~run.visual.clone()
+        for i, chosen in enumerate(memo["chosen"]):
+            if chosen is not None:
+                keep[i, chosen] = True
+            else:
+                keep[i] = True
+        index, valid = left_pad_index(keep)
+        drop_index, drop_valid = left_pad_index(~keep)
+        old = memo.get("live")  # (index, valid) of the prompt slots layers >= L hold now, None = all of them
+        store = memo.setdefault("store", {})
+        moved = 0
+        for layer_idx in range(self.layer, len(self.lm.layers)):
+            layer = cache.layers[layer_idx]
+            held = old[0].shape[1] if old is not None else prefill
+            tensors = []
+            for name in ("keys", "values"):
+                live = getattr(layer, name)
+                full = self.full_prompt(
+                    live[:, :, :held], old, store.get((layer_idx, name)), memo.get("dropped"), prefill
+                )
+                tensors.append(torch.cat([full.gather(2, expand(index, full)), live[:, :, held:]], dim=2))
+                parked = full.gather(2, expand(drop_index, full))
+                device = "cpu" if live.is_cuda else live.device
+                store[(layer_idx, name)] = parked.to(device)
+                moved += parked.numel() * parked.element_size() if live.is_cuda else 0
+            layer.keys, layer.values = tensors
+        memo["live"], memo["dropped"] = (index, valid), (drop_index, drop_valid)
+        memo["prefill_mask"] = (gather_seq(run.extra["mask0"][:, :prefill], index) * valid).to(run.extra["mask0"].dtype)
+        report = self.session.state.extra.setdefault("decode", {"reselections": 0})
+        report["reselections"] += 1
+        report["kept_visual"] = [int(c.numel()) if c is not None else None for c in memo["chosen"]]
+        report["visual"] = run.visual.sum(1).tolist()
+        report["bytes_off_device"] = moved
+        report["layers"] = list(range(self.layer, len(self.lm.layers)))
+
+    @staticmethod
+    def full_prompt(held: Tensor, live, parked: Tensor | None, dropped, prefill: int) -> Tensor:
+        """(B, Hk, S_prompt, D): the prompt's entries of one layer, reassembled from the held and parked ones."""
+        if live is None:
+            return held
+        bsz, heads, _, dim = held.shape
+        full = held.new_zeros(bsz, heads, prefill + 1, dim)  # slot ``prefill`` swallows the pad slots
+        index, valid = live
+        full.scatter_(2, expand(torch.where(valid, index, prefill), full), held)
+        if parked is not None:
+            index, valid = dropped
+            full.scatter_(2, expand(torch.where(valid, index, prefill), full), parked.to(held.device))
+        return full[:, :, :prefill]
+
+
+def expand(index: Tensor, like: Tensor) -> Tensor:
+    """(B, L) slot index -> (B, Hk, L, D) for gather / scatter along a KV tensor's sequence dim."""
+    return index[:, None, :, None].expand(like.shape[0], like.shape[1], index.shape[1], like.shape[3]).to(like.device)
