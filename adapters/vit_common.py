@@ -1,0 +1,346 @@
+"""Shared machinery of the plain-ViT adapters (timm, open_clip): ToMe and VisionZip inside the blocks.
+
+A family adapter describes each block as :class:`BlockParts` (its attention branch returning q and k, its
+MLP branch, its untouched forward); the functions here replace each block's ``forward`` on the instance
+(``del``-restored by the handle, nothing patched at import, no ``__class__`` swap) and carry per-forward
+state from block to block: token sizes, the composed :class:`~tokreduce.Selection` (the source map for
+overlays) and the token count after every block.
+
+What a wrapped encoder records in :class:`~tokreduce.ReductionState` after each forward:
+
+- ``selections[b][0]``: one :class:`~tokreduce.SpanSelection` over the patch tokens of sample ``b`` (prefix
+  tokens such as CLS and registers are always kept and left out of it), ``stage="vision"``.
+- ``extra["source"]``: (B, N_in) long, the output token each input token (prefix included) ended up in;
+  ``source_matrix`` turns it into ToMe's dense (B, N_out, N_in) map.
+- ``extra["size"]``: (B, N_out, 1) float32 original tokens behind each output token.
+- ``extra["tokens_per_layer"]``: tokens leaving each block; ``extra["num_prefix_tokens"]``: P.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tokreduce.context import ReductionState, SpanSelection, Timer, TokenContext
+from tokreduce.methods.tome import ToMeReducer, bipartite_soft_matching, parse_r
+from tokreduce.methods.visionzip import VisionZipReducer
+from tokreduce.selection import Selection, budget
+
+# attention(x (B, N, C), bias (B, 1, 1, N) float32 or None) -> (residual branch (B, N, C), q (B, H, N, D)
+# already multiplied by the logit scale, k (B, H, N, D)); so that logits = q @ k^T + bias.
+AttentionFn = Callable[[Tensor, "Tensor | None"], "tuple[Tensor, Tensor, Tensor]"]
+
+
+@dataclass
+class BlockParts:
+    """One pre-norm transformer block split at the point where ToMe merges.
+
+    Attributes:
+        attention: ``x -> (x_attn, q, k)``, the whole attention residual branch (norm, attention with an
+            additive logit bias, layer scale, drop path), see ``AttentionFn``.
+        mlp: ``x -> x_mlp``, the whole MLP residual branch.
+        original: the block's untouched forward, used while there is nothing to change.
+    """
+
+    attention: AttentionFn
+    mlp: Callable[[Tensor], Tensor]
+    original: Callable
+
+
+@dataclass
+class Encoder:
+    """What the shared code needs to know about one ViT encoder.
+
+    Attributes:
+        name: the family in error messages ("timm VisionTransformer").
+        blocks: the transformer blocks, in order.
+        parts: block -> BlockParts; raises ValueError for a block it cannot split.
+        protected: leading prefix tokens (CLS, registers, distillation token) never merged or pruned.
+        has_cls: whether token 0 is a class token (VisionZip scores by its attention row).
+        grid: (h, w) patch grid at the configured image size, or None.
+        batch_first: False when the blocks see (N, B, C) (old open_clip configs).
+    """
+
+    name: str
+    blocks: Sequence[nn.Module]
+    parts: Callable[[nn.Module], BlockParts]
+    protected: int
+    has_cls: bool
+    grid: tuple[int, int] | None = None
+    batch_first: bool = True
+
+
+class InstanceForward:
+    """Handle that overrides ``module.forward`` on the instance; :meth:`remove` restores the class method."""
+
+    def __init__(self, module: nn.Module, forward: Callable):
+        if "forward" in module.__dict__:
+            raise ValueError(
+                f"{type(module).__name__}.forward is already replaced on this instance (another tokreduce wrap "
+                "or a user patch); unwrap the model first"
+            )
+        self.module = module
+        module.forward = forward
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+
+@dataclass
+class _Run:
+    """State carried across the blocks of one forward pass."""
+
+    batch: int = 0
+    n_in: int = 0
+    device: torch.device | None = None
+    schedule: list[int] = field(default_factory=list)
+    size: Tensor | None = None  # (B, N, 1) float32; None while every token stands for itself
+    selection: Selection | None = None  # composed over the n_in input tokens; None = identity
+    counts: list[int] = field(default_factory=list)
+
+
+def attach(encoder: Encoder, reducer, state: ReductionState, handles: list) -> None:
+    """Attach ``reducer`` (ToMe or VisionZip) to every block of ``encoder``; handles go into ``handles``."""
+    if isinstance(reducer, ToMeReducer):
+        # A plain ViT has no LLM, so both of ToMe's stages mean "inside the encoder".
+        _attach_tome(encoder, reducer, state, handles)
+    elif isinstance(reducer, VisionZipReducer):
+        _attach_visionzip(encoder, reducer, state, handles)
+    else:
+        raise ValueError(
+            f"{encoder.name} supports the vision-stage reducers 'tome' and 'visionzip', got {reducer.name!r} "
+            f"({type(reducer).__name__}); reducers acting before or inside a language model need a VLM"
+        )
+
+
+# -- ToMe -------------------------------------------------------------------------------------------------
+
+
+def tome_schedule(reducer: ToMeReducer, n: int, protected: int, num_layers: int) -> list[int]:
+    """Tokens merged in each block for an input of ``n`` tokens.
+
+    ``r`` (int, per-layer list or (r, inflection)) is ToMe's own knob. ``keep`` (tokens left after the last
+    block, prefix not counted) is accepted instead of ``r`` and spread as evenly as the halving limit of one
+    bipartite step allows. Each entry is clamped to what that block can merge, as ToMe does.
+    """
+    schedule = parse_r(reducer.r, num_layers)
+    wants_keep = budget(n - protected, reducer.keep) < n - protected
+    if wants_keep and any(r > 0 for r in schedule):
+        raise ValueError(
+            f"tome on a ViT: set r (tokens merged per block) or keep (tokens left at the end), not both; "
+            f"got r={reducer.r!r}, keep={reducer.keep!r}"
+        )
+    if wants_keep:
+        remaining = n - protected - budget(n - protected, reducer.keep)
+        schedule = []
+        for i in range(num_layers):
+            schedule.append(math.ceil(remaining / (num_layers - i)))
+            remaining -= schedule[-1]
+    clamped, current = [], n
+    for r in schedule:
+        clamped.append(max(0, min(r, (current - protected) // 2)))
+        current -= clamped[-1]
+    return clamped
+
+
+def _attach_tome(encoder: Encoder, reducer: ToMeReducer, state: ReductionState, handles: list) -> None:
+    protected = max(encoder.protected, reducer.protected)
+    num_layers = len(encoder.blocks)
+    parse_r(reducer.r, num_layers)  # a wrong-length list fails at wrap time, not at the first forward
+    run = _Run()
+
+    def make_forward(i: int, parts: BlockParts):
+        def forward(x: Tensor, *args, **kwargs) -> Tensor:
+            if i == 0:
+                _start(run, state, x, encoder.batch_first)
+                run.schedule = tome_schedule(reducer, run.n_in, protected, num_layers)
+            r = run.schedule[i] if run.schedule else 0
+            if run.size is None and r == 0:
+                # Nothing merged so far and nothing to merge here: the untouched block (bit-exact at r=0).
+                out = parts.original(x, *args, **kwargs)
+            else:
+                _check_plain_call(encoder, args, kwargs)
+                out = _tome_block(_to_bnc(x, encoder), parts, r, protected, run, state)
+                out = _from_bnc(out, encoder)
+            run.counts.append(_to_bnc(out, encoder).shape[1])
+            if i == num_layers - 1:
+                _record(run, state, encoder, protected)
+            return out
+
+        return forward
+
+    # Build every BlockParts first so that an unsupported block fails before anything is patched.
+    all_parts = [encoder.parts(block) for block in encoder.blocks]
+    for i, (block, parts) in enumerate(zip(encoder.blocks, all_parts, strict=True)):
+        handles.append(InstanceForward(block, make_forward(i, parts)))
+
+
+def _tome_block(x: Tensor, parts: BlockParts, r: int, protected: int, run: _Run, state: ReductionState) -> Tensor:
+    """One ToMe block on (B, N, C): attention with proportional bias, merge r tokens, MLP."""
+    x_attn, _, k = parts.attention(x, size_bias(run.size))
+    x = x + x_attn
+    if r > 0:
+        with Timer(state):
+            # ToMe's metric: the block's keys averaged over heads.
+            selection = bipartite_soft_matching(k.mean(dim=1), r, protected)
+            x = selection.merge(x, run.size)
+            run.size = selection.sizes(run.size)
+            # The composed selection is the source map (which original patches each token stands for).
+            run.selection = selection if run.selection is None else run.selection.compose(selection)
+    return x + parts.mlp(x)
+
+
+def size_bias(size: Tensor | None) -> Tensor | None:
+    """ToMe's proportional attention: (B, N, 1) sizes -> (B, 1, 1, N) float32 logit bias log(size), or None.
+
+    The attention functions cast it to the query's dtype (SDPA wants a float mask in q's dtype, which under
+    autocast differs from the residual stream's).
+    """
+    if size is None:
+        return None
+    return size.log().transpose(1, 2).unsqueeze(1)
+
+
+def cast_bias(bias: Tensor | None, like: Tensor) -> Tensor | None:
+    """The logit bias in the dtype of the tensor it is added to (None stays None)."""
+    return None if bias is None else bias.to(like.dtype)
+
+
+def _ones(x: Tensor, n: int) -> Tensor:
+    return torch.ones(x.shape[0], n, 1, device=x.device, dtype=torch.float32)
+
+
+# -- VisionZip --------------------------------------------------------------------------------------------
+
+
+def _attach_visionzip(encoder: Encoder, reducer: VisionZipReducer, state: ReductionState, handles: list) -> None:
+    num_layers = len(encoder.blocks)
+    # NOTE: VisionZipReducer may not declare ``layer``; then the paper's LLaVA setting, the penultimate block.
+    layer = getattr(reducer, "layer", None)
+    layer = -2 if layer is None else layer
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -num_layers <= layer < num_layers:
+        raise ValueError(
+            f"visionzip layer must be an int in [{-num_layers}, {num_layers - 1}] for this {encoder.name} "
+            f"with {num_layers} blocks, got {layer!r}"
+        )
+    layer %= num_layers
+    block = encoder.blocks[layer]
+    parts = encoder.parts(block)
+    run = _Run()
+    p = encoder.protected
+
+    def forward(x: Tensor, *args, **kwargs) -> Tensor:
+        _start(run, state, x, encoder.batch_first)
+        _check_plain_call(encoder, args, kwargs)
+        x = _to_bnc(x, encoder)
+        x_attn, q, k = parts.attention(x, None)
+        x = x + x_attn
+        x = x + parts.mlp(x)
+        with Timer(state):
+            ctx = TokenContext(
+                grid=_grid(encoder, run.n_in - p),
+                attention=received_attention(q, k, encoder.has_cls)[:, p:],
+                metric=k.mean(dim=1)[:, p:],
+            )
+            patches, patch_selection = reducer.reduce(x[:, p:], ctx)
+            x = torch.cat([x[:, :p], patches], dim=1)
+            run.selection = _with_prefix(patch_selection, p)
+        run.counts = [run.n_in] * layer + [x.shape[1]] * (num_layers - layer)
+        _record(run, state, encoder, p)
+        return _from_bnc(x, encoder)
+
+    handles.append(InstanceForward(block, forward))
+
+
+def received_attention(q: Tensor, k: Tensor, has_cls: bool) -> Tensor:
+    """VisionZip's score from q (scaled) and k, both (B, H, N, D) -> (B, N) float32.
+
+    With a class token: the CLS query's post-softmax attention row, summed over heads. Without one: the
+    attention each token receives, summed over queries and averaged over heads. Softmax runs in float32.
+    """
+    if has_cls:
+        logits = q[:, :, :1].float() @ k.float().transpose(-1, -2)  # (B, H, 1, N)
+        return logits.softmax(dim=-1).sum(dim=1)[:, 0]
+    logits = q.float() @ k.float().transpose(-1, -2)  # (B, H, N, N)
+    return logits.softmax(dim=-1).sum(dim=2).mean(dim=1)
+
+
+def _with_prefix(selection: Selection, p: int) -> Selection:
+    """A selection over patch tokens -> the same selection over [p prefix tokens, patches]."""
+    b, device = selection.index.shape[0], selection.index.device
+    prefix = torch.arange(p, device=device).expand(b, p)
+    index = torch.cat([prefix, selection.index + p], dim=1)
+    assign = None
+    if selection.assign is not None:
+        assign = torch.cat([prefix, torch.where(selection.assign >= 0, selection.assign + p, -1)], dim=1)
+    return Selection(index=index, num_tokens=selection.num_tokens + p, assign=assign)
+
+
+# -- shared bookkeeping -----------------------------------------------------------------------------------
+
+
+def _start(run: _Run, state: ReductionState, x: Tensor, batch_first: bool) -> None:
+    """Reset the per-forward state at the first block of a new forward pass."""
+    batch, n = (x.shape[0], x.shape[1]) if batch_first else (x.shape[1], x.shape[0])
+    state.reset(batch)
+    run.batch, run.n_in, run.device = batch, n, x.device
+    run.size, run.selection, run.counts = None, None, []
+
+
+def _record(run: _Run, state: ReductionState, encoder: Encoder, p: int) -> None:
+    """Write the composed selection into ``state`` (patch tokens only; prefix tokens are always kept)."""
+    selection = run.selection or Selection.identity(run.batch, run.n_in, run.device)
+    source = selection.groups()
+    grid = _grid(encoder, run.n_in - p)
+    for b in range(run.batch):
+        index = selection.index[b, p:] - p
+        assign = None if selection.assign is None else torch.where(source[b, p:] >= 0, source[b, p:] - p, -1)
+        span = SpanSelection(
+            sample=b, span=0, modality="image", start=p, grid=grid, num_tokens=run.n_in - p,
+            index=index, assign=assign, stage="vision",
+        )  # fmt: skip
+        state.record(span, run.n_in - p, selection.num_kept - p)
+    state.extra.update(
+        source=source,
+        size=run.size if run.size is not None else _ones(source, selection.num_kept),
+        tokens_per_layer=list(run.counts),
+        num_prefix_tokens=p,
+    )
+    if run.schedule:
+        state.extra["schedule"] = list(run.schedule)
+
+
+def source_matrix(source: Tensor, num_out: int | None = None) -> Tensor:
+    """ToMe's dense source map: (B, N_in) output slot per input token -> (B, N_out, N_in) bool."""
+    num_out = int(source.max()) + 1 if num_out is None else num_out
+    return F.one_hot(source.clamp(min=0), num_out).transpose(1, 2).bool() & (source >= 0).unsqueeze(1)
+
+
+def _grid(encoder: Encoder, n_patches: int) -> tuple[int, int, int] | None:
+    if encoder.grid is not None and encoder.grid[0] * encoder.grid[1] == n_patches:
+        return (1, *encoder.grid)
+    side = math.isqrt(n_patches)
+    return (1, side, side) if side * side == n_patches else None
+
+
+def _check_plain_call(encoder: Encoder, args: tuple, kwargs: dict) -> None:
+    """Merging changes N, so block-level masks (NaFlex, causal) cannot follow; refuse them loudly."""
+    extra = [v for v in (*args, *kwargs.values()) if v is not None and v is not False]
+    if extra:
+        raise ValueError(
+            f"tokreduce cannot reduce tokens in a {encoder.name} block called with an attention mask or "
+            f"extra inputs ({len(extra)} given); call the encoder without attn_mask / is_causal"
+        )
+
+
+def _to_bnc(x: Tensor, encoder: Encoder) -> Tensor:
+    return x if encoder.batch_first else x.transpose(0, 1)
+
+
+def _from_bnc(x: Tensor, encoder: Encoder) -> Tensor:
+    return x if encoder.batch_first else x.transpose(0, 1)
