@@ -1,0 +1,525 @@
+"""tokreduce.eval and tokreduce.video: sampling, decoding, dataset formats, records, resumable runs.
+
+End-to-end runs use the bundled toy checkpoint and a few of its test videos; they check invariants
+(hand counts, no lost or duplicated records, equal results across process counts), not accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tokreduce.eval import DATASETS, EvalConfig, load_dataset, parse_letter, run_eval
+from tokreduce.eval import records as rec
+from tokreduce.eval.command import add_arguments, config_from_args
+from tokreduce.eval.config import parse_keep
+from tokreduce.video import VideoError, available_backends, read_frames, sample_indices
+
+ROOT = Path(__file__).resolve().parents[1]
+RESOURCES = Path(__file__).parent / "resources" / "eval"
+toy = pytest.importorskip("tokreduce.toy")
+HAVE_TOY = (toy.path() / "config.json").is_file()
+needs_toy = pytest.mark.skipif(not HAVE_TOY, reason="toy checkpoint missing")
+TOY_VIDEOS = toy.data_path().parent / "videos"
+FIELDS = (
+    "id",
+    "setting",
+    "prediction",
+    "parsed",
+    "correct",
+    "error",
+    "tokens_in",
+    "tokens_out",
+    "seq_len",
+    "prefill_flops",
+)
+
+
+# -- frame sampling ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("total", [1, 2, 7, 8, 9, 31, 100, 1001])
+@pytest.mark.parametrize("k", [1, 4, 8, 16])
+def test_uniform_indices_are_unique_sorted_in_range(total, k):
+    idx = sample_indices(total, k)
+    assert len(idx) == min(total, k)
+    assert idx == sorted(set(idx))
+    assert 0 <= idx[0] and idx[-1] < total
+
+
+def test_uniform_indices_are_segment_centres():
+    assert sample_indices(100, 4) == [12, 37, 62, 87]
+    assert sample_indices(8, 8) == list(range(8))
+    assert sample_indices(3, 8) == [0, 1, 2]  # short clip: every frame once, never duplicated
+    assert sample_indices(0, 8) == []
+
+
+def test_bounded_and_fps_sampling():
+    assert sample_indices(100, 8, "uniform", fps=10, start=2, end=5) == [21, 25, 29, 33, 37, 41, 45, 49]
+    assert sample_indices(100, 20, "fps", fps=10, target_fps=1) == list(range(0, 100, 10))
+    thinned = sample_indices(100, 4, "fps", fps=10, target_fps=1)
+    assert len(thinned) == 4 and set(thinned) <= set(range(0, 100, 10))
+    assert sample_indices(100, 8, fps=10, start=20, end=30) == []  # bounds past the end
+    with pytest.raises(ValueError, match="sampling"):
+        sample_indices(10, 4, "random")
+    with pytest.raises(ValueError, match="fps"):
+        sample_indices(10, 4, start=1.0)
+
+
+# -- decoding ------------------------------------------------------------------------------------------------
+def _write_video(path: Path, frames: int, fps: int = 10, size: int = 32) -> None:
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            image = np.full((size, size, 3), (i * 9) % 256, np.uint8)
+            image[: i % size, :, 1] = 200
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("frames", [3, 37])
+def test_decord_and_pyav_decode_the_same_frames(tmp_path, frames):
+    if set(available_backends()) != {"decord", "pyav"}:
+        pytest.skip("needs both decord and PyAV")
+    path = tmp_path / "clip.mp4"
+    _write_video(path, frames)
+    for video in (path, TOY_VIDEOS / "vid-00000.mp4"):
+        for k in (1, 4, 8):
+            a = read_frames(video, k, backend="decord")
+            b = read_frames(video, k, backend="pyav")
+            assert a.indices == b.indices and a.total == b.total and a.fps == b.fps
+            assert a.array.shape == b.array.shape and a.array.dtype == np.uint8
+            assert np.abs(a.array.astype(int) - b.array.astype(int)).mean() < 2.0
+
+
+def test_each_backend_reads_sampled_frames(tmp_path):
+    path = tmp_path / "clip.mp4"
+    _write_video(path, 37)
+    for backend in available_backends():
+        frames = read_frames(path, 8, backend=backend)
+        assert frames.indices == sample_indices(37, 8) and frames.array.shape == (8, 32, 32, 3)
+        assert frames.backend == backend
+
+
+def test_bad_videos_raise_video_error_with_reason(tmp_path):
+    with pytest.raises(VideoError, match="not found") as e:
+        read_frames(tmp_path / "nope.mp4")
+    assert e.value.reason == "missing_video"
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
+    for backend in available_backends():
+        with pytest.raises(VideoError) as e:
+            read_frames(corrupt, backend=backend)
+        assert e.value.reason in ("corrupt_video", "no_frames")
+    with pytest.raises(ValueError, match="backend"):
+        read_frames(corrupt, backend="opencv")
+
+
+# -- dataset formats -----------------------------------------------------------------------------------------
+def test_every_format_parses_its_example():
+    examples = {
+        "jsonl": RESOURCES / "generic.jsonl",
+        "mvbench": RESOURCES / "mvbench",
+        "videomme": RESOURCES / "videomme.json",
+        "nextqa": RESOURCES / "nextqa.csv",
+        "egoschema": RESOURCES / "egoschema" / "questions.json",
+    }
+    assert set(examples) | {"toy"} == set(DATASETS)
+    loaded = {name: load_dataset(name, path) for name, path in examples.items()}
+
+    q1, q2, q3, q4 = loaded["jsonl"]
+    assert (q1.answer, q2.answer, q3.answer) == ("B", "A", "C")  # letter, index, option text
+    assert q3.options == ["circle", "square", "triangle"] and (q3.start, q3.end) == (0.5, 2.0)
+    assert q1.media_key() == q2.media_key() != q3.media_key()  # grouped by clip
+    assert q4.answer is None and q4.error.startswith("unknown_option")
+    assert Path(q1.video) == RESOURCES / "videos" / "clip1.mp4"
+
+    mv = loaded["mvbench"]
+    assert [it.answer for it in mv] == ["A", "C"] and mv[0].category == "action_sequence"
+    assert (mv[0].start, mv[0].end) == (11.1, 19.6) and mv[1].start is None
+
+    vm = loaded["videomme"]
+    assert [it.answer for it in vm] == ["C", "A"] and vm[0].options[0] == "Apples."
+    assert Path(vm[0].video).name == "fFjv93ACGo8.mp4" and vm[0].extra["duration"] == "short"
+
+    nq = loaded["nextqa"]
+    assert [it.answer for it in nq] == ["A", "E"] and len(nq[0].options) == 5
+    assert nq[0].id == "4010069381-6" and Path(nq[0].video) == RESOURCES / "1106" / "4010069381.mp4"
+
+    ego = loaded["egoschema"]
+    assert ego[0].answer == "D" and ego[1].answer is None and ego[1].error is None and len(ego[0].options) == 5
+
+
+def test_toy_dataset_is_the_video_split():
+    items = load_dataset("toy", limit=5)
+    assert len(items) == 5 and all(it.media_type == "video" and Path(it.video).is_file() for it in items)
+
+
+def test_dataset_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "video": "v.mp4", "question": "q", "options": ["x", "y"], "answer": "A"}\n' * 2)
+    with pytest.raises(ValueError, match="duplicate item ids"):
+        load_dataset("jsonl", bad)
+    bad.write_text('{"id": "a", "question": "q", "options": ["x", "y"]}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing field\(s\) \['video'\]"):
+        load_dataset("jsonl", bad)
+    with pytest.raises(ValueError, match="unknown dataset format"):
+        load_dataset("kinetics", bad)
+    with pytest.raises(FileNotFoundError):
+        load_dataset("jsonl", tmp_path / "none.jsonl")
+
+
+def test_parse_letter():
+    assert parse_letter("B", 4) == "B"
+    assert parse_letter("(C) a square", 4) == "C"
+    assert parse_letter("The answer is D.", 4) == "D"
+    assert parse_letter("E", 4) is None  # not an option here
+    assert parse_letter("I think it is B", 4) == "B"
+    assert parse_letter("I think it is B", 9) == "B"  # the pronoun is not option I
+    assert parse_letter("", 4) is None
+
+
+# -- config and CLI ------------------------------------------------------------------------------------------
+def test_config_checks_and_names(tmp_path):
+    config = EvalConfig(methods=["baselines", "random", "none"], keep=[0.5, 64])
+    assert config.methods == ["random", "uniform", "pool"]
+    assert config.settings()[0] == ("none", 1.0) and len(config.settings()) == 7
+    assert config.default_run_name() == "toy__toy__random+uniform+pool__keep0.5-64__8f"
+    config.to_yaml(tmp_path / "c.yaml")
+    assert EvalConfig.from_yaml(tmp_path / "c.yaml").to_dict() == config.to_dict()
+    assert EvalConfig.from_yaml(tmp_path / "c.yaml", keep=[0.1]).keep == [0.1]
+    for bad, match in [
+        (dict(methods=["fastvv"]), "unknown method 'fastvv'"),
+        (dict(keep=[1.5]), "keep"),
+        (dict(dataset="jsonl"), "needs a data path"),
+        (dict(frames=0), "frames"),
+        (dict(methods=["fastv"], knobs={"fastv": {"depth": 2}}), "no knob"),
+        (dict(model="/no/such/dir"), "checkpoint directory"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            EvalConfig(**bad)
+    with pytest.raises(ValueError, match="unknown field"):
+        EvalConfig.from_dict({"frame": 8})
+    assert parse_keep("0.25") == 0.25 and parse_keep("64") == 64 and isinstance(parse_keep("1"), int)
+
+
+def test_cli_flags_override_yaml(tmp_path):
+    import argparse
+
+    (tmp_path / "c.yaml").write_text("methods: [random]\nkeep: [0.5]\nframes: 4\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--dataset",
+            f"jsonl:{RESOURCES / 'generic.jsonl'}",
+            "--keep",
+            "0.25",
+            "16",
+            "--knob",
+            "random.seed=3",
+        ]
+    )
+    config = config_from_args(args)
+    assert config.dataset == "jsonl" and config.data.endswith("generic.jsonl")
+    assert config.keep == [0.25, 16] and config.frames == 4 and config.knobs == {"random": {"seed": 3}}
+    assert config.batch_size == EvalConfig().batch_size
+
+
+# -- records -------------------------------------------------------------------------------------------------
+def test_records_survive_a_torn_write(tmp_path):
+    path = tmp_path / rec.MAIN
+    with rec.RecordWriter(path) as w:
+        w.write({"id": "a", "setting": "none@1.0"})
+        w.write({"id": "b", "setting": "none@1.0"})
+    with open(path, "a") as f:
+        f.write('{"id": "c", "sett')  # killed mid-write
+    assert [r["id"] for r in rec.read_records(path)] == ["a", "b"]
+    with rec.RecordWriter(path) as w:  # the next writer cuts the torn tail
+        w.write({"id": "c", "setting": "none@1.0"})
+    assert [r["id"] for r in rec.read_records(path)] == ["a", "b", "c"]
+    assert path.read_text().count("\n") == 3
+
+
+def test_merge_sorts_dedups_and_removes_rank_files(tmp_path):
+    for rank, ids in ((0, ["b", "a"]), (1, ["c", "a"])):
+        with rec.RecordWriter(rec.shard_path(tmp_path, rank, 2)) as w:
+            for i in ids:
+                w.write({"id": i, "setting": "s", "rank": rank})
+    merged = rec.merge(tmp_path, [("a", "s"), ("b", "s"), ("c", "s")])
+    assert [(r["id"], r["rank"]) for r in merged] == [("a", 1), ("b", 0), ("c", 1)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [rec.MAIN]
+
+
+# -- end to end on the toy model -----------------------------------------------------------------------------
+def _config(tmp_path, **kw) -> EvalConfig:
+    defaults = dict(
+        methods=["random"],
+        keep=[0.5],
+        limit=4,
+        batch_size=2,
+        output=str(tmp_path),
+        progress=False,
+        threads=1,
+        max_new_tokens=2,
+    )
+    return EvalConfig(**{**defaults, **kw})
+
+
+def _lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / rec.MAIN).read_text().splitlines()]
+
+
+def _hand_count(rows: list[dict]) -> tuple[int, int]:
+    answered = [r for r in rows if r["error"] in (None, "unparsable_answer") and r["answer"] is not None]
+    return sum(bool(r["correct"]) for r in answered), len(answered)
+
+
+@needs_toy
+def test_end_to_end_metrics_match_a_hand_count_and_rerun_skips(tmp_path):
+    config = _config(tmp_path, plots=True)
+    metrics = run_eval(config)
+    run_dir = config.run_dir()
+    rows = _lines(run_dir)
+    assert len(rows) == 4 * 2 and len({(r["id"], r["setting"]) for r in rows}) == 8
+    for row in metrics["settings"]:
+        mine = [r for r in rows if r["setting"] == row["setting"]]
+        correct, scored = _hand_count(mine)
+        assert (row["correct"], row["scored"], row["n"]) == (correct, scored, 4)
+        assert row["accuracy"] == pytest.approx(correct / scored)
+        for r in mine:
+            assert r["correct"] == (r["parsed"] == r["answer"])
+            assert r["tokens_out"] <= r["tokens_in"] and r["prefill_s"] > 0 and r["batch_size"] == 2
+    base, rand = metrics["settings"]
+    assert base["setting"] == "none@1.0" and base["tokens_out"] == base["tokens_in"] and base["flops_ratio"] == 1.0
+    assert rand["tokens_out"] < rand["tokens_in"] and rand["flops_ratio"] < 1.0
+    assert rand["select_ms"] > 0 and base["select_ms"] == 0
+    for name in ("config.yaml", "metrics.json", "summary.md", "accuracy_vs_keep.png", "accuracy_vs_flops.png"):
+        assert (run_dir / name).stat().st_size > 0, name
+    assert "| random | 0.5 | 4 |" in (run_dir / "summary.md").read_text()
+
+    before = (run_dir / rec.MAIN).read_text()
+    again = run_eval(config)  # resumes: everything is finished, nothing runs again
+    assert (run_dir / rec.MAIN).read_text() == before
+    assert [r["accuracy"] for r in again["settings"]] == [r["accuracy"] for r in metrics["settings"]]
+
+    bigger = run_eval(_config(tmp_path, limit=6))  # a larger limit reuses the first 4 items' records
+    rows = _lines(run_dir)
+    assert len(rows) == 12 and rows[0] == json.loads(before.splitlines()[0])
+    assert bigger["settings"][0]["n"] == 6
+
+    with pytest.raises(ValueError, match="different configuration.*frames"):
+        run_eval(_config(tmp_path, frames=4, run_name=run_dir.name))
+
+
+@needs_toy
+def test_batched_equals_one_at_a_time(tmp_path):
+    one = run_eval(_config(tmp_path / "one", batch_size=1, limit=5))
+    three = run_eval(_config(tmp_path / "three", batch_size=3, limit=5))
+    rows1 = _lines(_config(tmp_path / "one", batch_size=1).run_dir())
+    rows3 = _lines(_config(tmp_path / "three", batch_size=3).run_dir())
+    assert [[r[k] for k in FIELDS] for r in rows1] == [[r[k] for k in FIELDS] for r in rows3]
+    assert [r["correct"] for r in one["settings"]] == [r["correct"] for r in three["settings"]]
+
+
+@needs_toy
+@pytest.mark.parametrize("backend", available_backends())
+def test_bad_inputs_are_recorded_and_the_run_finishes(tmp_path, backend):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(2):
+        shutil.copy(TOY_VIDEOS / f"vid-0000{i}.mp4", videos)
+    (videos / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(3000))
+    (videos / "empty.mp4").write_bytes(b"")
+    good = {
+        "question": "which way does the red circle move ?",
+        "options": ["left", "right", "up", "down"],
+        "answer": "B",
+    }
+    rows = [
+        {"id": "ok0", "video": "videos/vid-00000.mp4", **good},
+        {"id": "ok1", "video": "videos/vid-00001.mp4", **good},
+        {"id": "ok0-again", "video": "videos/vid-00000.mp4", **good},
+        {"id": "corrupt", "video": "videos/corrupt.mp4", **good},
+        {"id": "empty", "video": "videos/empty.mp4", **good},
+        {"id": "missing", "video": "videos/missing.mp4", **good},
+        {"id": "badanswer", "video": "videos/vid-00001.mp4", **{**good, "answer": "sideways"}},
+        {"id": "sixopts", "video": "videos/vid-00001.mp4", **{**good, "options": list("abcdef")}},
+    ]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = _config(tmp_path, dataset="jsonl", data=str(data), limit=None, batch_size=4, backend=backend)
+    metrics = run_eval(config)
+    records = {(r["id"], r["setting"]): r for r in _lines(config.run_dir())}
+    assert len(records) == 8 * 2
+    expect = {
+        "corrupt": "corrupt_video",
+        "missing": "missing_video",
+        "badanswer": "unknown_option",
+        "sixopts": "unsupported_item",
+    }
+    for item, reason in expect.items():
+        assert records[(item, "none@1.0")]["error"] == reason and records[(item, "none@1.0")]["detail"]
+    assert records[("empty", "none@1.0")]["error"] in ("corrupt_video", "no_frames")
+    for row in metrics["settings"]:
+        assert (
+            sum(
+                row["errors"].get(k, 0)
+                for k in ("corrupt_video", "missing_video", "no_frames", "unknown_option", "unsupported_item")
+            )
+            == 5
+        )
+        assert row["answered"] == 3 and row["scored"] == 3
+        assert row["accuracy_all"] == pytest.approx(row["correct"] / 7)  # errors count as wrong; one has no truth
+
+
+@needs_toy
+def test_each_video_is_encoded_once_per_batch(tmp_path):
+    import torch
+
+    from tokreduce.eval.encode_once import encode_each_video_once
+
+    model, _ = toy.load()
+    inner = model.model
+    x = torch.randn(2, 3, 3, 96, 96)
+    batch = torch.stack([x[0], x[1], x[0], x[0]])
+    frames = []
+    handle = inner.vision_tower.register_forward_pre_hook(
+        lambda m, args, kwargs: frames.append((args or [kwargs.get("pixel_values")])[0].shape[0]), with_kwargs=True
+    )
+    kw = dict(vision_feature_layer=-1, vision_feature_select_strategy="full")
+    with torch.no_grad():
+        plain = inner.get_video_features(batch, **kw)
+        with encode_each_video_once(model):
+            once = inner.get_video_features(batch, **kw)
+    handle.remove()
+    assert frames == [12, 6] and "get_video_features" not in vars(inner)
+    torch.testing.assert_close(once.pooler_output, plain.pooler_output, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(once.last_hidden_state, plain.last_hidden_state, atol=1e-5, rtol=1e-5)
+
+    video = str(TOY_VIDEOS / "vid-00000.mp4")
+    questions = [
+        ("move", ["left", "right", "up", "down"], "B"),
+        ("first", ["circle", "square"], "A"),
+        ("colour", ["red", "blue", "green"], "C"),
+    ]
+    data = tmp_path / "qa.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"id": q, "video": video, "question": q + " ?", "options": o, "answer": a}) + "\n"
+            for q, o, a in questions
+        )
+    )
+    runs = [
+        _config(tmp_path / str(flag), dataset="jsonl", data=str(data), limit=None, batch_size=3, encode_once=flag)
+        for flag in (True, False)
+    ]
+    for config in runs:
+        run_eval(config)
+    rows = [_lines(config.run_dir()) for config in runs]
+    assert [[r[k] for k in FIELDS] for r in rows[0]] == [[r[k] for k in FIELDS] for r in rows[1]]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tokreduce.cli", "eval", *args]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@needs_toy
+def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path):
+    args = _cli(
+        "--methods",
+        "random",
+        "uniform",
+        "--keep",
+        "0.5",
+        "--limit",
+        "40",
+        "--batch-size",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--output",
+        str(tmp_path),
+        "--run-name",
+        "run",
+        "--no-progress",
+        "--no-plots",
+        "--threads",
+        "1",
+    )
+    predictions = tmp_path / "run" / rec.MAIN
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if predictions.exists() and predictions.read_bytes().count(b"\n") >= 10:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = rec.read_records(predictions)
+    assert 10 <= len(done) < 120
+    with open(predictions, "a") as f:
+        f.write('{"id": "vid-000')  # as if the kill had landed inside a write
+    result = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _lines(tmp_path / "run")
+    keys = [(r["id"], r["setting"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 40 * 3
+    first_run = {(r["id"], r["setting"]): r for r in done}
+    assert all(first_run[(r["id"], r["setting"])] == r for r in rows if (r["id"], r["setting"]) in first_run)
+    assert "| uniform | 0.5 | 40 |" in result.stdout
+
+
+def _launcher(name: str) -> list[str]:
+    if name == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    pytest.importorskip("accelerate")
+    # accelerate's flag is named for GPUs but launches through torchrun; the runner picks gloo on CPU.
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+            "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0"]  # fmt: skip
+
+
+@needs_toy
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_gloo_processes_equal_one(tmp_path, launcher):
+    common = ["-m", "tokreduce.cli", "eval", "--methods", "random", "--keep", "0.5", "--limit", "7", "--batch-size", "2",
+              "--max-new-tokens", "2", "--device", "cpu", "--no-progress", "--no-plots", "--threads", "1"]  # fmt: skip
+    two = subprocess.run(
+        _launcher(launcher) + common + ["--output", str(tmp_path / "two")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    run_eval(_config(tmp_path / "one", limit=7, batch_size=2, device="cpu"))
+    (two_dir,) = (tmp_path / "two").iterdir()
+    (one_dir,) = (tmp_path / "one").iterdir()
+    assert sorted(p.name for p in two_dir.glob("predictions*")) == [rec.MAIN]  # rank files merged away
+    rows1, rows2 = _lines(one_dir), _lines(two_dir)
+    assert {r["rank"] for r in rows2} == {0, 1}
+    assert [[r[k] for k in FIELDS] for r in rows1] == [[r[k] for k in FIELDS] for r in rows2]
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one_dir, two_dir))
+    for a, b in zip(m1["settings"], m2["settings"], strict=True):
+        assert {
+            k: a[k] for k in ("n", "correct", "accuracy", "errors", "tokens_in", "tokens_out", "prefill_gflops")
+        } == {k: b[k] for k in ("n", "correct", "accuracy", "errors", "tokens_in", "tokens_out", "prefill_gflops")}

@@ -1,0 +1,90 @@
+"""Efficiency measurements around one ``generate`` call: time to first token, decode rate, memory, FLOPs.
+
+Prefill is timed apart from decoding without changing how ``generate`` runs: a streamer receives the
+prompt before the prefill forward and each new token right after its step (``generate`` copies it to
+the host, which also synchronises CUDA), so the second ``put`` marks the end of prefill.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from ..flops import LMShape, layer_lengths, prefill_flops
+
+
+class GenerationClock(BaseStreamer):
+    """Timestamps of a ``generate`` call: start, first new token, end.
+
+    Attributes:
+        prefill_s: seconds from the call to the first new token (vision encoder, token selection and the
+            prefill forward of the whole batch: the batch's time to first token).
+        decode_s: seconds spent on the remaining decoding steps.
+        steps: decoding steps taken (new tokens per row, padding included).
+    """
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.stop: float | None = None
+        self.puts = 0
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        self.stop = time.perf_counter()
+
+    @property
+    def steps(self) -> int:
+        return max(self.puts - 1, 0)
+
+    @property
+    def prefill_s(self) -> float:
+        return (self.first or self.stop or time.perf_counter()) - self.start
+
+    @property
+    def decode_s(self) -> float:
+        return (self.stop or time.perf_counter()) - (self.first or self.start)
+
+    def decode_tokens_per_s(self, batch: int) -> float | None:
+        """Tokens produced per second after the first one, across the batch; None if only one step ran."""
+        if self.steps < 2 or self.decode_s <= 0:
+            return None
+        return batch * (self.steps - 1) / self.decode_s
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: max allocated since the last reset. CPU: the process's peak RSS so far (cannot be reset)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def memory_kind(device: torch.device) -> str:
+    return "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"
+
+
+def reduction_layer(reducer) -> int:
+    """Decoder layer where a reducer shortens the sequence: its ``layer`` knob for stage "llm", else 0."""
+    if reducer is None or reducer.stage != "llm":
+        return 0
+    return int(getattr(reducer, "layer", 0))
+
+
+def sample_prefill_flops(shape: LMShape, seq_len: int, tokens_in: int, tokens_out: int, layer: int) -> int:
+    """Language-model prefill FLOPs of one sample (``tokreduce.flops`` conventions; vision encoder excluded)."""
+    reduced = seq_len - (tokens_in - tokens_out)
+    return prefill_flops(shape, layer_lengths(shape, seq_len, reduced, min(layer, shape.layers)))
