@@ -250,3 +250,10 @@ def test_framefusion_prunes_by_importance_when_merging_is_not_enough():
     attention = torch.arange(36, dtype=torch.float32)[None]
     sel = get_reducer("framefusion", keep=10).select(video, TokenContext(grid=(4, 3, 3), attention=attention))
     assert sel.index[0].tolist() == list(range(26, 36))
+
+
+@pytest.mark.parametrize("keep, window", [(0.5, (1, 2)), (0.25, (2, 2)), (0.11, (3, 3)), (0.16, (2, 3)), (1.0, (1, 1))])
+def test_pool_window_follows_keep(keep, window):
+    reducer = get_reducer("pool", keep=keep)
+    assert reducer.window(576) == window
+    assert reducer.num_kept(576, (1, 24, 24)) == 576 // (window[0] * window[1])
