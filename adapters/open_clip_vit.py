@@ -74,6 +74,7 @@ def _block_parts(block: nn.Module) -> BlockParts:
         _check_mha(block.attn)
         attend = _mha_attention
         post = nn.Identity()
+        scale = block.attn.head_dim**-0.5
     elif isinstance(block, CustomResidualAttentionBlock) and isinstance(block.attn, Attention):
         if block.attn.logit_scale is not None:
             raise ValueError(
@@ -82,6 +83,7 @@ def _block_parts(block: nn.Module) -> BlockParts:
             )
         attend = _sdpa_attention
         post = block.ln_attn
+        scale = block.attn.scale
     else:
         raise ValueError(
             f"open_clip block {type(block).__name__} with attention {type(block.attn).__name__} is not supported; "
@@ -95,7 +97,7 @@ def _block_parts(block: nn.Module) -> BlockParts:
     def mlp(x: Tensor) -> Tensor:
         return block.ls_2(block.mlp(block.ln_2(x)))
 
-    return BlockParts(attention=attention, mlp=mlp, original=block.forward)
+    return BlockParts(attention=attention, mlp=mlp, original=block.forward, scale=scale)
 
 
 def _check_mha(mha: nn.MultiheadAttention) -> None:
@@ -118,11 +120,11 @@ def _mha_attention(mha: nn.MultiheadAttention, x: Tensor, bias: Tensor | None) -
     dropout = mha.dropout if mha.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=cast_bias(bias, q), dropout_p=dropout)
     out = mha.out_proj(out.transpose(1, 2).reshape(b, n, c))
-    return out, q * q.shape[-1] ** -0.5, k
+    return out, q, k
 
 
 # Adapted from open_clip/transformer.py (3.3.0): Attention.forward (non-cosine path), with an additive logit
-# bias instead of attn_mask, returning q (times the logit scale) and k beside the output.
+# bias instead of attn_mask, returning q and k beside the output.
 def _sdpa_attention(attn: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """open_clip Attention. x: (B, N, C) -> ((B, N, C), q, k (B, H, N, D))."""
     b, n, c = x.shape
@@ -133,10 +135,8 @@ def _sdpa_attention(attn: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[Te
     if attn.use_fsdpa:
         dropout = attn.attn_drop.p if attn.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=cast_bias(bias, q), dropout_p=dropout)
-        q = q * attn.scale
     else:
-        q = q * attn.scale
-        logits = q @ k.transpose(-1, -2)
+        logits = (q * attn.scale) @ k.transpose(-1, -2)
         logits = logits if bias is None else logits + cast_bias(bias, logits)
         out = attn.attn_drop(logits.softmax(dim=-1)) @ v
     if attn.head_scale is not None:

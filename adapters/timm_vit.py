@@ -67,11 +67,11 @@ def _block_parts(block: nn.Module) -> BlockParts:
     def mlp(x: Tensor) -> Tensor:
         return block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
-    return BlockParts(attention=attention, mlp=mlp, original=block.forward)
+    return BlockParts(attention=attention, mlp=mlp, original=block.forward, scale=block.attn.scale)
 
 
 # Adapted from timm/layers/attention.py (1.0.31): Attention.forward, with an additive logit bias instead of
-# attn_mask, returning q (times the logit scale) and k beside the output; the fused / explicit choice is kept.
+# attn_mask, returning q and k beside the output; the fused / explicit choice is kept.
 def _attention(attn: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """x: (B, N, C) normed tokens, bias: (B, 1, 1, N) or None -> ((B, N, C), q, k (B, H, N, D))."""
     b, n, _ = x.shape
@@ -82,10 +82,8 @@ def _attention(attn: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[Tensor,
     if attn.fused_attn:
         dropout = attn.attn_drop.p if attn.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=cast_bias(bias, q), dropout_p=dropout)
-        q = q * attn.scale
     else:
-        q = q * attn.scale
-        logits = q @ k.transpose(-2, -1)
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
         logits = logits if bias is None else logits + cast_bias(bias, logits)
         out = attn.attn_drop(logits.softmax(dim=-1)) @ v
     out = attn.norm(out.transpose(1, 2).reshape(b, n, -1))

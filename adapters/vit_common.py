@@ -31,8 +31,8 @@ from tokreduce.methods.tome import ToMeReducer, bipartite_soft_matching, parse_r
 from tokreduce.methods.visionzip import VisionZipReducer
 from tokreduce.selection import Selection, budget
 
-# attention(x (B, N, C), bias (B, 1, 1, N) float32 or None) -> (residual branch (B, N, C), q (B, H, N, D)
-# already multiplied by the logit scale, k (B, H, N, D)); so that logits = q @ k^T + bias.
+# attention(x (B, N, C), bias (B, 1, 1, N) float32 or None) -> (residual branch (B, N, C), q, k (B, H, N, D));
+# the block's logits are scale * q @ k^T + bias.
 AttentionFn = Callable[[Tensor, "Tensor | None"], "tuple[Tensor, Tensor, Tensor]"]
 
 
@@ -45,11 +45,13 @@ class BlockParts:
             additive logit bias, layer scale, drop path), see ``AttentionFn``.
         mlp: ``x -> x_mlp``, the whole MLP residual branch.
         original: the block's untouched forward, used while there is nothing to change.
+        scale: the attention's logit scale (usually head_dim ** -0.5).
     """
 
     attention: AttentionFn
     mlp: Callable[[Tensor], Tensor]
     original: Callable
+    scale: float
 
 
 @dataclass
@@ -129,13 +131,7 @@ def tome_schedule(reducer: ToMeReducer, n: int, protected: int, num_layers: int)
     bipartite step allows. Each entry is clamped to what that block can merge, as ToMe does.
     """
     schedule = parse_r(reducer.r, num_layers)
-    wants_keep = budget(n - protected, reducer.keep) < n - protected
-    if wants_keep and any(r > 0 for r in schedule):
-        raise ValueError(
-            f"tome on a ViT: set r (tokens merged per block) or keep (tokens left at the end), not both; "
-            f"got r={reducer.r!r}, keep={reducer.keep!r}"
-        )
-    if wants_keep:
+    if budget(n - protected, reducer.keep) < n - protected:
         remaining = n - protected - budget(n - protected, reducer.keep)
         schedule = []
         for i in range(num_layers):
@@ -151,7 +147,13 @@ def tome_schedule(reducer: ToMeReducer, n: int, protected: int, num_layers: int)
 def _attach_tome(encoder: Encoder, reducer: ToMeReducer, state: ReductionState, handles: list) -> None:
     protected = max(encoder.protected, reducer.protected)
     num_layers = len(encoder.blocks)
-    parse_r(reducer.r, num_layers)  # a wrong-length list fails at wrap time, not at the first forward
+    # Checked at wrap time rather than at the first forward: a wrong-length r list, or both budgets set.
+    schedule = parse_r(reducer.r, num_layers)
+    if reducer.keep != 1.0 and any(r > 0 for r in schedule):
+        raise ValueError(
+            f"tome on a ViT: set r (tokens merged per block) or keep (patch tokens left at the end), not both; "
+            f"got r={reducer.r!r}, keep={reducer.keep!r}"
+        )
     run = _Run()
 
     def make_forward(i: int, parts: BlockParts):
@@ -236,6 +238,12 @@ def _attach_visionzip(encoder: Encoder, reducer: VisionZipReducer, state: Reduct
 
     def forward(x: Tensor, *args, **kwargs) -> Tensor:
         _start(run, state, x, encoder.batch_first)
+        if reducer.num_kept(run.n_in - p) >= run.n_in - p:
+            # Nothing to drop (keep=1.0): the untouched block, so that outputs stay bit-exact.
+            out = parts.original(x, *args, **kwargs)
+            run.counts = [run.n_in] * num_layers
+            _record(run, state, encoder, p)
+            return out
         _check_plain_call(encoder, args, kwargs)
         x = _to_bnc(x, encoder)
         x_attn, q, k = parts.attention(x, None)
@@ -244,7 +252,7 @@ def _attach_visionzip(encoder: Encoder, reducer: VisionZipReducer, state: Reduct
         with Timer(state):
             ctx = TokenContext(
                 grid=_grid(encoder, run.n_in - p),
-                attention=received_attention(q, k, encoder.has_cls)[:, p:],
+                attention=received_attention(q, k, parts.scale, encoder.has_cls)[:, p:],
                 metric=k.mean(dim=1)[:, p:],
             )
             patches, patch_selection = reducer.reduce(x[:, p:], ctx)
@@ -257,16 +265,16 @@ def _attach_visionzip(encoder: Encoder, reducer: VisionZipReducer, state: Reduct
     handles.append(InstanceForward(block, forward))
 
 
-def received_attention(q: Tensor, k: Tensor, has_cls: bool) -> Tensor:
-    """VisionZip's score from q (scaled) and k, both (B, H, N, D) -> (B, N) float32.
+def received_attention(q: Tensor, k: Tensor, scale: float, has_cls: bool) -> Tensor:
+    """VisionZip's score from the block's q and k, both (B, H, N, D), and its logit scale -> (B, N) float32.
 
     With a class token: the CLS query's post-softmax attention row, summed over heads. Without one: the
     attention each token receives, summed over queries and averaged over heads. Softmax runs in float32.
     """
     if has_cls:
-        logits = q[:, :, :1].float() @ k.float().transpose(-1, -2)  # (B, H, 1, N)
+        logits = (q[:, :, :1].float() * scale) @ k.float().transpose(-1, -2)  # (B, H, 1, N)
         return logits.softmax(dim=-1).sum(dim=1)[:, 0]
-    logits = q.float() @ k.float().transpose(-1, -2)  # (B, H, N, N)
+    logits = (q.float() * scale) @ k.float().transpose(-1, -2)  # (B, H, N, N)
     return logits.softmax(dim=-1).sum(dim=2).mean(dim=1)
 
 

@@ -117,10 +117,13 @@ class VisionZipReducer(Reducer):
         keep: tokens kept per span when ``dominant`` / ``contextual`` are not given, split 54:10.
         dominant: dominant tokens (default None: from keep). LLaVA-1.5 paper settings: 54, 108, 162.
         contextual: contextual tokens (default None: from keep). LLaVA-1.5 paper settings: 10, 20, 30.
+        layer: encoder block whose attention and keys choose the tokens, negative counts from the end
+            (default None: the layer whose output the model uses; for a plain ViT the penultimate block).
     """
 
     dominant: int | None = None
     contextual: int | None = None
+    layer: int | None = None
     stage: ClassVar[str] = "vision"
 
     def __post_init__(self):
@@ -129,6 +132,8 @@ class VisionZipReducer(Reducer):
             value = getattr(self, knob)
             if value is not None:
                 check_range(knob, value, 0, 1 << 20, integer=True)
+        if self.layer is not None:
+            check_range("layer", self.layer, -1024, 1024, integer=True)
         if (self.dominant is None) != (self.contextual is None):
             raise ValueError("set both dominant and contextual, or neither (then keep decides)")
         if self.dominant is not None and self.dominant + self.contextual == 0:
