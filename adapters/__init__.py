@@ -59,3 +59,15 @@ def _register_vlm_adapters() -> None:
 
 _register_vlm_adapters()
 
+
+def _register_qwen_adapters() -> None:
+    # Cheap as well: torch and tokreduce only; transformers' Qwen modules are used through the model instance.
+    from .qwen2_5_vl import Qwen2_5_VLAdapter
+    from .qwen2_vl import Qwen2VLAdapter
+    from .qwen3_vl import Qwen3VLAdapter
+
+    for adapter in (Qwen2VLAdapter(), Qwen2_5_VLAdapter(), Qwen3VLAdapter()):
+        register_adapter(adapter)
+
+
+_register_qwen_adapters()

@@ -314,6 +314,10 @@ def shrink_sequence(
     new_pos = kept_pos if policy == "original" else compact_positions(kept_pos, new_mask)
     shift = (positions[..., -1] + 1) - (new_pos[..., -1] + 1)
     new.update(input_ids=new_ids, attention_mask=new_mask, position_ids=new_pos)
+    for name in ("token_type_ids", "mm_token_type_ids"):  # per-token types (Qwen-VL) follow the kept tokens
+        types = kw.get(name)
+        if isinstance(types, Tensor) and types.shape == ids.shape:
+            new[name] = gather_seq(types, index).masked_fill(~valid.to(types.device), 0)
     return new, Track(mask=new_mask, shift=shift), index, valid
 
 
@@ -368,12 +372,26 @@ def stage_of(reducer) -> str:
 
 
 def reduce_features(
-    reducer, spans: list[Span], features: dict[str, list[Tensor]], placed: dict, state, keep: Tensor, stage: str
+    reducer,
+    spans: list[Span],
+    features: dict[str, list[Tensor]],
+    placed: dict,
+    state,
+    keep: Tensor,
+    stage: str,
+    width: int | None = None,
+    side: dict[str, dict[str, list[Tensor]]] | None = None,
 ):
     """Reduce every span of the projected features; returns the reduced per-item features, or None if unchanged.
 
     ``keep`` (B, N) is updated in place: dropped placeholder positions become False. Merged values are
     written at their representative's slot, so each item's features stay in placeholder order.
+
+    Args:
+        width: select on the first ``width`` channels only; the other channels (features aligned with the
+            tokens, e.g. Qwen3-VL's deepstack features) are gathered / merged with the same selection.
+        side: per-token side information aligned with the items, ``{TokenContext field: {modality: [(L_i, *)]}}``
+            (e.g. ViT attention scores for VisionZip), handed to the reducer for each span.
     """
     changed = False
     outputs = {m: [f for f in feats] for m, feats in features.items()}
@@ -385,9 +403,10 @@ def reduce_features(
             feats = features[span.modality][span.item]
             offsets = span.piece.offsets.to(feats.device)
             tokens = feats[offsets][None]
-            ctx = TokenContext(grid=span.piece.grid, span=span.index)
+            extra = {name: per[span.modality][span.item][offsets][None] for name, per in (side or {}).items()}
+            ctx = TokenContext(grid=span.piece.grid, span=span.index, **extra)
             with torch.no_grad():  # choosing is not differentiable; the merge below keeps the graph
-                selection = reducer.select(tokens.detach(), ctx)
+                selection = reducer.select(tokens[..., :width].detach(), ctx)
             record_span(state, span, selection, stage, int(span.positions[0]))
             if selection.is_identity:
                 continue
@@ -486,6 +505,14 @@ class Session:
         self.run: Run | None = None
         self.vision_record = None  # filled by vision-stage hooks during encode
 
+    # True for adapters that apply vision-stage reducers in the pre-LLM hook (Qwen-VL: VisionZip on merged
+    # tokens scored by ViT hooks); otherwise vision-stage reducers act inside the encoder (vision.py).
+    vision_in_prefill = False
+
+    def reduce_options(self, features: dict[str, list[Tensor]]) -> dict:
+        """Extra keyword arguments of :func:`reduce_features` (``width``, ``side``) for this prefill."""
+        return {}
+
     def decode_active(self) -> bool:
         r = self.reducer
         return r.name == "dycoke" and r.prune_ratio > 0 and not (r.keep == 1.0 and r.merging_ratio is None)
@@ -552,7 +579,8 @@ class Session:
         return all(self.reducer.num_kept(s.piece.num_tokens, s.piece.grid) >= s.piece.num_tokens for s in spans)
 
     def reduce_before_llm(self, kw: dict, run: Run, placed: dict, layouts: dict, features: dict | None):
-        if self.stage == "vision" or self.all_identity(run.spans):  # vision reducers here are identities (vision.py)
+        # vision-stage reducers act inside the encoder (vision.py) unless the adapter applies them here
+        if (self.stage == "vision" and not self.vision_in_prefill) or self.all_identity(run.spans):
             for span in run.spans:  # still report what was (not) reduced, for overlays and logs
                 self.state.record(identity_span(span, self.stage), span.piece.num_tokens, span.piece.num_tokens)
             return None
@@ -568,7 +596,9 @@ class Session:
                     f"computed from the config expects {want}; this checkpoint's layout is not supported yet"
                 )
         keep = torch.ones_like(ids, dtype=torch.bool)
-        reduced = reduce_features(self.reducer, run.spans, features, placed, self.state, keep, self.stage)
+        reduced = reduce_features(
+            self.reducer, run.spans, features, placed, self.state, keep, self.stage, **self.reduce_options(features)
+        )
         if reduced is None:
             return None
         new, track, index, valid = shrink_sequence(

@@ -51,7 +51,8 @@ def query_states(layer, hidden: Tensor, cos: Tensor, sin: Tensor, last: int) -> 
     """
     attn = layer.self_attn
     x = layer.input_layernorm(hidden[:, -last:])
-    q = attn.q_proj(x).view(x.shape[0], last, -1, attn.head_dim).transpose(1, 2)
+    q = attn.q_proj(x).view(x.shape[0], last, -1, attn.head_dim)
+    q = (attn.q_norm(q) if hasattr(attn, "q_norm") else q).transpose(1, 2)  # per-head norm (Qwen3)
     q, _ = rotary_fn(attn)(q, q, cos[:, -last:], sin[:, -last:])
     return q
 
@@ -60,7 +61,8 @@ def key_states(layer, hidden: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE'd keys of every token of a decoder layer's input: (B, Hk, N, D) (when no cache holds them)."""
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
-    k = attn.k_proj(x).view(x.shape[0], x.shape[1], -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(x.shape[0], x.shape[1], -1, attn.head_dim)
+    k = (attn.k_norm(k) if hasattr(attn, "k_norm") else k).transpose(1, 2)
     _, k = rotary_fn(attn)(k, k, cos, sin)
     return k
 
@@ -199,7 +201,11 @@ class LayerPruning:
         index, valid = left_pad_index(keep)
         new_hidden = gather_seq(out, index)
         mask2d = (gather_seq(run.base_mask, index) * valid).to(run.base_mask.dtype)
-        positions = kwargs.get("position_ids")
+        layer_pos = kwargs.get("position_ids")
+        # M-RoPE adapters record the (3, B, N) positions the rotary embedding takes; the layers' own
+        # position_ids are then text positions (or None) that only masks / flash attention read.
+        rope = run.extra.get("rope_positions")
+        positions = rope if rope is not None else layer_pos
         positions = torch.arange(n, device=hidden.device).expand(b, n) if positions is None else positions
         kept_pos = gather_last(positions.expand(*positions.shape[:-2], b, n), index).masked_fill(~valid, 0)
         cos, sin = kwargs["position_embeddings"]
@@ -208,12 +214,17 @@ class LayerPruning:
         else:
             new_pos = compact_positions(kept_pos, mask2d)
             cos, sin = self.lm.rotary_emb(new_hidden, new_pos)
+        step_pos = new_pos
+        if rope is not None:
+            step_pos = None if layer_pos is None else gather_last(layer_pos.expand(b, n), index).masked_fill(~valid, 0)
+            if step_pos is not None and self.reducer.positions != "original":
+                step_pos = compact_positions(step_pos, mask2d)
         cache = kwargs.get("past_key_values")
         run.deep = Track(mask=mask2d, shift=(positions[..., -1] + 1) - (new_pos[..., -1] + 1))
         layer_kwargs = {
-            "attention_mask": causal_mask(self.lm, new_hidden, mask2d, cache, new_pos, self.k),
+            "attention_mask": causal_mask(self.lm, new_hidden, mask2d, cache, step_pos, self.k),
             "position_embeddings": (cos, sin),
-            "position_ids": new_pos,
+            "position_ids": step_pos,
         }
         run.extra["pruned"] = {"layer_kwargs": layer_kwargs, "index": index, "valid": valid}
         return with_hidden(args, {**kwargs, **layer_kwargs}, new_hidden)
@@ -228,10 +239,11 @@ class LayerPruning:
         if not bool((run.deep.shift == 0).all()):
             cos, sin = self.lm.rotary_emb(hidden, new_pos)
         cache = kwargs.get("past_key_values")
+        step_pos = new_pos if "rope_positions" not in run.extra else kwargs.get("position_ids")
         layer_kwargs = {
-            "attention_mask": causal_mask(self.lm, hidden, run.deep.mask, cache, new_pos, self.k),
+            "attention_mask": causal_mask(self.lm, hidden, run.deep.mask, cache, step_pos, self.k),
             "position_embeddings": (cos, sin),
-            "position_ids": new_pos,
+            "position_ids": step_pos,
         }
         run.extra["pruned"]["layer_kwargs"] = layer_kwargs
         return args, {**kwargs, **layer_kwargs}
