@@ -2,9 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,vision,video,eval,triton
+EXTRAS ?= dev,vision,video,eval,demo,triton
 
-.PHONY: setup test demo example bench clean
+.PHONY: setup test demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,9 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q
 
-example: setup
-	$(PY) scripts/example.py
-
-demo: example
+# Serves the Gradio demo on http://127.0.0.1:7860 until Ctrl+C (toy model; DEMO_ARGS="--model DIR" for another).
+demo: setup
+	$(PY) -m tokreduce.cli demo $(DEMO_ARGS)
 
 bench: setup
 	$(PY) scripts/bench_methods.py

@@ -34,6 +34,7 @@ def register_command(name: str, help: str, module: str) -> None:
 register_command(
     "eval", "batch video-QA evaluation: accuracy vs speed and memory for a sweep of methods", "tokreduce.eval.command"
 )
+register_command("demo", "Gradio demo: kept tokens, both answers, time and FLOPs saved", "tokreduce.demo_app")
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

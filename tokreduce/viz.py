@@ -97,10 +97,85 @@ def overlay_selection(frames: list[Image.Image], selection: SpanSelection, colum
 
 def mosaic(tiles: list[Image.Image], columns: int | None = None, gap: int = 4) -> Image.Image:
     """Arrange equally sized tiles in a grid with a small gap."""
-    columns = columns or math.ceil(math.sqrt(len(tiles)))
+    columns = min(columns or math.ceil(math.sqrt(len(tiles))), len(tiles))
     rows = math.ceil(len(tiles) / columns)
     tw, th = tiles[0].size
     canvas = Image.new("RGB", (columns * tw + (columns - 1) * gap, rows * th + (rows - 1) * gap), "white")
     for i, tile in enumerate(tiles):
         canvas.paste(tile.resize((tw, th)), ((i % columns) * (tw + gap), (i // columns) * (th + gap)))
+    return canvas
+
+
+def span_label(selection: SpanSelection, name: str | None = None) -> str:
+    """Short caption of one span, e.g. "image span 1 (6x6): 11/36 kept" (``name`` replaces "image span 1")."""
+    if selection.grid is None:
+        grid = "?"
+    else:
+        t, h, w = selection.grid
+        grid = f"{h}x{w}" if t == 1 else f"{t}x{h}x{w}"
+    kept = selection.index.numel()
+    name = name or f"{selection.modality} span {selection.span}"
+    return f"{name} ({grid}): {kept}/{selection.num_tokens} kept"
+
+
+def captioned(image: Image.Image, text: str, height: int = 22) -> Image.Image:
+    """``image`` with a white strip holding ``text`` above it."""
+    from PIL import ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=height - 8)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        font = ImageFont.load_default()
+    canvas = Image.new("RGB", (image.width, image.height + height), "white")
+    canvas.paste(image.convert("RGB"), (0, height))
+    ImageDraw.Draw(canvas).text((4, 3), text, fill=(20, 20, 20), font=font)
+    return canvas
+
+
+def overlay_spans(
+    frames: list[Image.Image],
+    selections: list[SpanSelection],
+    tile: int = 224,
+    columns: int | None = None,
+    labels: bool | list[str] = True,
+) -> Image.Image:
+    """One picture of every visual span of one sample, side by side, each with a caption.
+
+    This is how one LLaVA-OneVision image is shown: its base view (6x6) and its anyres crop grid are two
+    spans over the same picture, so each is drawn on the whole image. A span whose grid has one frame is
+    drawn on ``frames[0]``; a span with t frames on the first t frames, as a mosaic of ``columns``.
+
+    Args:
+        frames: the sample's image (one) or video frames, as PIL images.
+        selections: ``state.selections[sample]``, in span order.
+        tile: longer side, in pixels, each frame is scaled to before drawing (small model inputs such as
+            96 px become readable; aspect ratio is kept).
+        columns: frames per row inside a video span's mosaic (default: close to square).
+        labels: add a caption above each span (:func:`span_label`); a list names the spans in its captions
+            (e.g. ["base view", "anyres crop"]).
+    """
+    if not selections:
+        raise ValueError("overlay_spans needs at least one span selection")
+    names = labels if isinstance(labels, list) else [None] * len(selections)
+    if len(names) != len(selections):
+        raise ValueError(f"{len(names)} labels for {len(selections)} spans")
+    scale = tile / max(frames[0].size)
+    size = (max(1, round(frames[0].width * scale)), max(1, round(frames[0].height * scale)))
+    scaled = [f.convert("RGB").resize(size, Image.BICUBIC) for f in frames]
+    pictures = []
+    for selection, name in zip(selections, names, strict=True):
+        t = selection.grid[0] if selection.grid is not None else 1
+        picture = overlay_selection(scaled[:t], selection, columns)
+        pictures.append(captioned(picture, span_label(selection, name)) if labels else picture)
+    return side_by_side(pictures)
+
+
+def side_by_side(images: list[Image.Image], gap: int = 8) -> Image.Image:
+    """Images in one row, top-aligned, on white (unlike :func:`mosaic`, sizes may differ)."""
+    width = sum(im.width for im in images) + gap * (len(images) - 1)
+    canvas = Image.new("RGB", (width, max(im.height for im in images)), "white")
+    x = 0
+    for im in images:
+        canvas.paste(im, (x, 0))
+        x += im.width + gap
     return canvas

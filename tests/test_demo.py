@@ -1,0 +1,153 @@
+"""The demo's model side (tokreduce.demo_core) on the bundled toy model, and the overlay drawing it uses.
+
+No Gradio needed: the app only lays out what these functions return.
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tokreduce
+from tokreduce import SpanSelection, toy
+from tokreduce.demo_core import (
+    DemoInputError,
+    DemoSession,
+    Limits,
+    build_inputs,
+    format_numbers,
+    method_choices,
+    method_info,
+)
+from tokreduce.flops import layer_lengths, prefill_flops
+from tokreduce.viz import captioned, mosaic, overlay_spans, span_label
+
+TILE = 224  # overlay_spans' default tile
+CAPTION = 22  # captioned's default strip height
+
+
+@pytest.fixture(scope="module")
+def session():
+    if not (toy.path() / "config.json").is_file():
+        pytest.skip(f"no toy checkpoint at {toy.path()} (run scripts/train_toy.py)")
+    return DemoSession.load(limits=Limits(timing_repeats=1, max_new_tokens=2))
+
+
+def example(session, kind):
+    ex = next(e for e in session.examples if e.kind == kind)
+    return session.read_media(ex.kind, ex.media), ex.question
+
+
+def test_examples_cover_images_and_videos(session):
+    kinds = [e.kind for e in session.examples]
+    assert kinds.count("image") >= 2 and kinds.count("video") >= 2
+    assert all(e.answer and e.question for e in session.examples)
+
+
+def test_methods_and_layer_knob():
+    assert method_choices() == tokreduce.list_reducers()
+    for name in ("fastv", "dart", "framefusion"):
+        assert method_info(name).stage == "llm" and method_info(name).layer is not None
+    assert method_info("divprune").layer is None
+
+
+def test_image_numbers_agree_with_state_stats(session):
+    media, question = example(session, "image")
+    c = session.compare(media, question, "divprune", keep=0.25)
+    # an independent run through the public API records the same counts
+    inputs = build_inputs(session.processor, media, question)
+    with tokreduce.get_reducer("divprune", keep=0.25)(session.model) as state, torch.no_grad():
+        session.model(**inputs)
+    assert (c.tokens_in, c.tokens_out) == (state.stats.tokens_in[0], state.stats.tokens_out[0])
+    assert c.tokens_in == sum(s.num_tokens for s in c.selections) == 72  # base view 36 + crop 36
+    assert c.tokens_out == sum(s.index.numel() for s in c.selections) < c.tokens_in
+    assert c.seq_full == inputs["input_ids"].shape[1]
+    assert c.seq_reduced == c.seq_full - (c.tokens_in - c.tokens_out)
+    assert c.flops_full == prefill_flops(session.shape, c.seq_full)
+    assert c.flops_reduced == prefill_flops(session.shape, c.seq_reduced) < c.flops_full
+    assert 0 < c.flops_saved < 1 and c.prefill_full_s > 0 and c.prefill_reduced_s > 0
+    table = format_numbers(c)
+    assert f"| {c.tokens_in} | {c.tokens_out} |" in table and "speed-up" in table
+
+
+def test_image_overlay_shows_both_spans(session):
+    media, question = example(session, "image")
+    c = session.compare(media, question, "tome", keep=0.3)
+    assert [s.grid for s in c.selections] == [(1, 6, 6), (1, 6, 6)]
+    assert c.overlay.size == (2 * TILE + 8, TILE + CAPTION)  # base view and crop, side by side
+
+
+def test_video_overlay_is_a_frame_grid(session):
+    media, question = example(session, "video")
+    assert len(media.frames) == session.limits.frames
+    c = session.compare(media, question, "uniform", keep=0.5)
+    assert [s.grid for s in c.selections] == [(8, 3, 3)]
+    assert c.overlay.size == (4 * TILE + 3 * 4, 2 * TILE + 4 + CAPTION)  # 4 x 2 frames
+    assert c.tokens_out == 36
+
+
+def test_llm_method_counts_full_layers_before_pruning(session):
+    media, question = example(session, "video")
+    c = session.compare(media, question, "fastv", keep=0.25, layer=1)
+    assert c.layer == 1 and c.stage == "llm"
+    expected = prefill_flops(session.shape, layer_lengths(session.shape, c.seq_full, c.seq_reduced, 1))
+    assert c.flops_reduced == expected
+    with pytest.raises(ValueError, match="layer"):
+        session.compare(media, question, "fastv", keep=0.25, layer=session.llm_layers)
+
+
+def test_keep_one_changes_nothing(session):
+    media, question = example(session, "image")
+    c = session.compare(media, question, "random", keep=1.0)
+    assert c.tokens_out == c.tokens_in and c.answer_reduced == c.answer_full and c.flops_saved == 0
+
+
+def test_unsupported_method_raises_a_readable_error(session):
+    media, question = example(session, "image")
+    with pytest.raises(ValueError, match="visionzip"):
+        session.compare(media, question, "visionzip", keep=0.5)
+
+
+def test_input_limits_have_clear_messages(session):
+    with pytest.raises(DemoInputError, match="no image given"):
+        session.read_media("image", None)
+    with pytest.raises(DemoInputError, match="up to 4096 px"):
+        session.read_media("image", Image.new("RGB", (5000, 10)))
+    video = next(e for e in session.examples if e.kind == "video").media
+    strict = DemoSession(session.model, session.processor, limits=Limits(max_video_seconds=0.5))
+    with pytest.raises(DemoInputError, match="2 s long; the demo accepts up to 0.5 s"):
+        strict.read_media("video", video)
+    media, _ = example(session, "image")
+    with pytest.raises(DemoInputError, match="question"):
+        session.compare(media, "  ", "divprune", keep=0.5)
+
+
+# -- drawing ----------------------------------------------------------------------------------------------
+def solid(value=200, size=(48, 32)):
+    return Image.fromarray(np.full((size[1], size[0], 3), value, dtype=np.uint8))
+
+
+def test_overlay_spans_keeps_aspect_and_names_spans():
+    base = SpanSelection(0, 0, "image", 0, (1, 2, 2), 4, torch.tensor([0, 3]))
+    crop = SpanSelection(0, 1, "image", 8, (1, 2, 3), 6, torch.tensor([1]))
+    out = overlay_spans([solid()], [base, crop], tile=96, labels=["base view", "crop"])
+    assert out.size == (96 + 8 + 96, 64 + CAPTION)  # 48x32 scaled to 96x64, two spans
+    assert span_label(crop, "crop") == "crop (2x3): 1/6 kept"
+    assert span_label(base) == "image span 0 (2x2): 2/4 kept"
+    plain = overlay_spans([solid()], [base], tile=96, labels=False)
+    assert plain.size == (96, 64)
+    with pytest.raises(ValueError, match="1 labels for 2 spans"):
+        overlay_spans([solid()], [base, crop], labels=["only one"])
+
+
+def test_overlay_spans_video_and_frame_mismatch():
+    sel = SpanSelection(0, 0, "video", 0, (4, 1, 1), 4, torch.tensor([0, 2]))
+    out = overlay_spans([solid()] * 4, [sel], tile=48, columns=2, labels=False)
+    assert out.size == (2 * 48 + 4, 2 * 32 + 4)
+    with pytest.raises(ValueError, match="4 frame"):
+        overlay_spans([solid()] * 3, [sel])
+
+
+def test_captioned_and_mosaic_of_one_tile():
+    assert captioned(solid(), "hello").size == (48, 32 + CAPTION)
+    assert mosaic([solid()], columns=4).size == (48, 32)  # no empty columns
