@@ -482,10 +482,10 @@ class VLMAdapter:
         inner = self.inner(model)
         hooks = Hooks(handles)
         session = Session(self, model, reducer, state)
+        if stage == "vision":  # may return a session that reduces what its encoder hooks recorded (vision.py)
+            session = attach_vision(self, model, reducer, state, session, hooks)
         hooks.pre(inner, session.pre_hook)
-        if stage == "vision":
-            attach_vision(self, model, reducer, state, session, hooks)
-        elif stage == "llm":
+        if stage == "llm":
             LayerPruning(session, self.language_model(model)).attach(hooks)
         if reducer.name == "dycoke" and session.decode_active():
             DecodePruning(session, self.language_model(model)).attach(hooks)
@@ -578,15 +578,20 @@ class Session:
     def all_identity(self, spans: list[Span]) -> bool:
         return all(self.reducer.num_kept(s.piece.num_tokens, s.piece.grid) >= s.piece.num_tokens for s in spans)
 
-    def reduce_before_llm(self, kw: dict, run: Run, placed: dict, layouts: dict, features: dict | None):
-        # vision-stage reducers act inside the encoder (vision.py) unless the adapter applies them here
-        if (self.stage == "vision" and not self.vision_in_prefill) or self.all_identity(run.spans):
-            for span in run.spans:  # still report what was (not) reduced, for overlays and logs
-                self.state.record(identity_span(span, self.stage), span.piece.num_tokens, span.piece.num_tokens)
-            return None
-        ids = kw["input_ids"]
+    def reduce_items(self, kw: dict, run: Run, placed: dict, layouts: dict, features: dict | None, keep: Tensor):
+        """Encode the items (unless generate passed ``features``) and reduce every span of them.
+
+        Returns the reduced per-item features, or None when nothing changed; ``keep`` (B, N) is updated in place.
+        Vision-stage sessions (vision.py) override this to reduce with what their encoder hooks recorded.
+        """
         if features is None:
             features = self.adapter.encode(self.inner, kw)
+        self.check_lengths(features, layouts)
+        return reduce_features(
+            self.reducer, run.spans, features, placed, self.state, keep, self.stage, **self.reduce_options(features)
+        )
+
+    def check_lengths(self, features: dict[str, list[Tensor]], layouts: dict) -> None:
         for modality, items in layouts.items():
             got = [f.shape[0] for f in features.get(modality, [])]
             want = [it.length for it in items]
@@ -595,10 +600,16 @@ class Session:
                     f"{type(self.adapter).__name__}: {modality} features have {got} tokens per item but the layout "
                     f"computed from the config expects {want}; this checkpoint's layout is not supported yet"
                 )
+
+    def reduce_before_llm(self, kw: dict, run: Run, placed: dict, layouts: dict, features: dict | None):
+        # vision-stage reducers act inside the encoder (vision.py) unless the adapter applies them here
+        if (self.stage == "vision" and not self.vision_in_prefill) or self.all_identity(run.spans):
+            for span in run.spans:  # still report what was (not) reduced, for overlays and logs
+                self.state.record(identity_span(span, self.stage), span.piece.num_tokens, span.piece.num_tokens)
+            return None
+        ids = kw["input_ids"]
         keep = torch.ones_like(ids, dtype=torch.bool)
-        reduced = reduce_features(
-            self.reducer, run.spans, features, placed, self.state, keep, self.stage, **self.reduce_options(features)
-        )
+        reduced = self.reduce_items(kw, run, placed, layouts, features, keep)
         if reduced is None:
             return None
         new, track, index, valid = shrink_sequence(

@@ -9,6 +9,10 @@ Placeholder layouts, from the config and the input shapes only (so they also wor
   grid (1, H, W) whose rows each end with an ``image_newline`` token. Both grids are reduced as separate
   spans (each with its own budget and grid); newline tokens are never removed, so every kept row still
   ends with its newline. A single-crop image is (1, h, w) plus one newline.
+
+Vision stage (``adapters/vision.py``): on ``llava`` ToMe merges inside the CLIP / SigLIP layers and VisionZip
+merges the feature layer's tokens before the projector (``vision_in_tower``); on ``llava_next`` VisionZip's
+tower scores are carried to the projected tokens by the model's own packing (:func:`anyres_side`).
 """
 
 from __future__ import annotations
@@ -109,10 +113,41 @@ def image_features(inner, kw: dict, **extra) -> list[Tensor]:
     return list(out.pooler_output)
 
 
+def anyres_side(inner, rows: Tensor, image_sizes, patched: list[bool] | None = None, **pack) -> list[Tensor]:
+    """Per-crop token side information -> per-image rows in the placeholder layout, by the model's own packing.
+
+    The model's ``pack_image_features`` (base view, unpadded high-resolution grid, OneVision's resize) only
+    slices, permutes and interpolates, so it carries any channels; newline slots get zeros.
+
+    Args:
+        rows: (R, P, S) one row per crop that went through the tower (padding crops already dropped), P tokens.
+        image_sizes: the call's (num_images, 2) sizes.
+        patched: per image, whether it was split into crops (OneVision's ``batch_num_images``); default all.
+        pack: extra keyword arguments of the family's ``pack_image_features``.
+
+    Returns:
+        [(L_i, S)] per image.
+    """
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config = inner.config
+    sizes = image_sizes_list(image_sizes)
+    patched = [True] * len(sizes) if patched is None else patched
+    crops = [
+        image_size_to_num_patches(list(size), config.image_grid_pinpoints, config.vision_config.image_size) if p else 1
+        for size, p in zip(sizes, patched, strict=True)
+    ]
+    newline = rows.new_zeros(rows.shape[-1])
+    packed, _ = inner.pack_image_features(list(rows.split(crops)), image_sizes, image_newline=newline, **pack)
+    return list(packed)
+
+
 class LlavaAdapter(VLMAdapter):
     """LLaVA-1.5: a CLIP grid per image, projected by a 2-layer MLP into the language model."""
 
     model_types = ("llava",)
+    # vision-stage reducers act on the tower's own tokens: ToMe in its layers, VisionZip before the projector
+    vision_in_tower = True
 
     def layouts(self, inner, kw: dict) -> dict[str, list[ItemLayout]]:
         pixels = kw.get("pixel_values")
@@ -164,3 +199,8 @@ class LlavaNextAdapter(VLMAdapter):
 
     def encode(self, inner, kw: dict) -> dict[str, list[Tensor]]:
         return {"image": image_features(inner, kw, image_sizes=kw["image_sizes"])}
+
+    def vision_side(self, inner, modality: str, call: dict, rows: Tensor) -> list[Tensor]:
+        """Per-crop (R, P, S) tower side information (VisionZip scores) -> per-image (L_i, S) rows."""
+        strategy = call.get("vision_feature_select_strategy") or inner.config.vision_feature_select_strategy
+        return anyres_side(inner, rows, call["image_sizes"], vision_feature_select_strategy=strategy)

@@ -3,16 +3,23 @@
 Layouts: images as in LLaVA-NeXT (base view + high-resolution grid with row newlines). A video of F frames
 is one (F, h / s, w / s) grid, s = ``spatial_pool_stride`` (the frames' patch grids are pooled by the
 model's ``vision_resampler``), with no newline tokens.
+
+Vision stage (``adapters/vision.py``): VisionZip with tower scores carried to the projected tokens
+(:meth:`LlavaNextVideoAdapter.vision_side`); ToMe inside the tower is refused.
 """
 
 from __future__ import annotations
 
+import math
+
+import torch.nn.functional as F
 from torch import Tensor
 
 from .base import ItemLayout, VLMAdapter, grid_piece
 from .llava import (
     anyres_layout,
     anyres_layout_from_feature,
+    anyres_side,
     check_anyres_strategy,
     image_features,
     image_sizes_list,
@@ -69,3 +76,20 @@ class LlavaNextVideoAdapter(VLMAdapter):
         if modality == "video":  # the forward flattens each entry's (1, L, C) to (L, C)
             return [f[None] for f in features]
         return features
+
+    def vision_side(self, inner, modality: str, call: dict, rows: Tensor) -> list[Tensor]:
+        """Per-crop / per-frame (R, P, S) tower side information (VisionZip scores) -> per-item (L_i, S) rows.
+
+        Video frames are averaged over each ``spatial_pool_stride`` window, the grid the model pools to (for
+        ``spatial_pool_mode="max"`` / ``"conv"`` the scores are still averaged).
+        """
+        if modality == "image":
+            strategy = call.get("vision_feature_select_strategy") or inner.config.vision_feature_select_strategy
+            return anyres_side(inner, rows, call["image_sizes"], vision_feature_select_strategy=strategy)
+        # Adapted from transformers/models/llava_next_video/modeling_llava_next_video.py (v5.23): LlavaNextVideoPooler,
+        # always averaging (the side information is not pooled by the model's max / conv pooling).
+        videos = call["pixel_values_videos"].shape[0]
+        side, stride = math.isqrt(rows.shape[1]), inner.config.spatial_pool_stride
+        grid = rows.reshape(-1, side, side, rows.shape[-1]).permute(0, 3, 1, 2)  # (R, S, side, side)
+        pooled = F.avg_pool2d(grid, stride, stride).flatten(2).transpose(1, 2)  # (R, P', S)
+        return list(pooled.reshape(videos, -1, rows.shape[-1]))

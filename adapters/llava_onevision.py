@@ -5,6 +5,9 @@ larger than ``vision_aspect_ratio`` ("anyres_max_9") crops are resized down firs
 images get one crop per image (``batch_num_images``) followed by a single newline. A video of F frames is
 one (F, ceil(h / 2), ceil(w / 2)) grid (frames are 2x2 bilinear-pooled) followed by one newline token,
 which is never removed.
+
+Vision stage (``adapters/vision.py``): VisionZip scored in the SigLIP tower (attention received) and carried
+to the projected tokens (:meth:`LlavaOnevisionAdapter.vision_side`); ToMe inside the tower is refused.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from .base import ItemLayout, VLMAdapter, grid_piece
 from .llava import (
     anyres_layout,
     anyres_layout_from_feature,
+    anyres_side,
     check_anyres_strategy,
     image_features,
     image_sizes_list,
@@ -82,3 +86,20 @@ class LlavaOnevisionAdapter(VLMAdapter):
 
             return torch.cat(features)[None]
         return features
+
+    def vision_side(self, inner, modality: str, call: dict, rows: Tensor) -> list[Tensor]:
+        """Per-crop / per-frame (R, P, S) tower side information (VisionZip scores) -> per-item (L_i, S) rows.
+
+        Images go through the model's own packing; video frames through its own 2x2 bilinear pooling (an
+        average of each 2x2 window for even grids), followed by a zero row for the newline token.
+        """
+        import torch
+
+        if modality == "image":
+            counts = call.get("batch_num_images")
+            patched = None if counts is None else [int(n) == 1 for n in counts for _ in range(int(n))]
+            ratio = call.get("vision_aspect_ratio") or inner.config.vision_aspect_ratio
+            return anyres_side(inner, rows, call["image_sizes"], patched, vision_aspect_ratio=ratio)
+        videos = call["pixel_values_videos"].shape[0]
+        pooled = inner.apply_pooling(rows).reshape(videos, -1, rows.shape[-1])
+        return list(torch.cat([pooled, pooled.new_zeros(videos, 1, rows.shape[-1])], dim=1))

@@ -39,7 +39,6 @@ COLOURS = {
     "green": (40, 180, 60),
     "blue": (50, 80, 230),
     "yellow": (235, 210, 40),
-    "purple": (150, 60, 200),
 }
 SHAPES = ["circle", "square", "triangle", "cross"]
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
@@ -100,14 +99,6 @@ def draw(objs: list[Obj]) -> np.ndarray:
     return img
 
 
-def _options(rng: random.Random, answer: str, pool: list[str]) -> tuple[list[str], str]:
-    """Four shuffled options containing `answer`; returns (options, answer letter)."""
-    others = [p for p in pool if p != answer]
-    opts = [answer] + rng.sample(others, min(3, len(others)))
-    rng.shuffle(opts)
-    return opts, LETTERS[opts.index(answer)]
-
-
 def _free_cells(rng: random.Random, n: int, taken: set | None = None) -> list[tuple[int, int]]:
     cells = [(r, c) for r in range(GRID) for c in range(GRID) if not taken or (r, c) not in taken]
     return rng.sample(cells, n)
@@ -133,12 +124,13 @@ def image_questions(rng: random.Random, objs: list[Obj]) -> list[dict]:
     uniq_shape = [o for o in objs if shape_n[o.shape] == 1]
     if uniq_shape:
         o = rng.choice(uniq_shape)
-        opts, ans = _options(rng, o.colour, list(COLOURS))
+        # Options always in the same order: a tiny model learns the letter <-> word map much faster.
+        opts, ans = list(COLOURS), LETTERS[list(COLOURS).index(o.colour)]
         qs.append(dict(question=f"what colour is the {o.shape} ?", options=opts, answer=ans, category="colour"))
     uniq_colour = [o for o in objs if colour_n[o.colour] == 1]
     if uniq_colour:
         o = rng.choice(uniq_colour)
-        opts, ans = _options(rng, o.shape, SHAPES)
+        opts, ans = list(SHAPES), LETTERS[SHAPES.index(o.shape)]
         qs.append(dict(question=f"what shape is the {o.colour} object ?", options=opts, answer=ans, category="shape"))
     if rng.random() < 0.5 and objs:
         o = rng.choice(objs)
@@ -158,7 +150,7 @@ def image_questions(rng: random.Random, objs: list[Obj]) -> list[dict]:
     uniq_combo = [o for o in objs if combo_n[(o.colour, o.shape)] == 1]
     if uniq_combo:
         o = rng.choice(uniq_combo)
-        opts = list(POSITIONS)  # fixed order keeps the letter <-> place mapping easy to read
+        opts = list(POSITIONS)
         ans = LETTERS[quadrant(o.row, o.col)]
         qs.append(dict(question=f"where is the {o.colour} {o.shape} ?", options=opts, answer=ans, category="position"))
     countable = [s for s in SHAPES if 1 <= shape_n[s] <= 4]
@@ -178,6 +170,8 @@ def image_questions(rng: random.Random, objs: list[Obj]) -> list[dict]:
 def image_item(rng: random.Random, category: str, n_objects: int | None = None) -> tuple[np.ndarray, list[Obj], dict]:
     """One image with a question of `category`; the scene is built so the question is well-defined.
 
+    `n_objects` fixes the number of objects (for count questions: caps it); None draws 2-6 (count: 1-7).
+
     Returns:
         (image (SIZE, SIZE, 3) uint8, objects, question dict).
     """
@@ -186,8 +180,9 @@ def image_item(rng: random.Random, category: str, n_objects: int | None = None) 
     for _ in range(1000):
         if category == "count":
             # Choose the answer first so counts 1..4 are balanced.
-            target, k = rng.choice(SHAPES), rng.randint(1, 4)
-            extra = rng.randint(0, 3)
+            cap = n_objects or 7
+            target, k = rng.choice(SHAPES), rng.randint(1, min(4, cap))
+            extra = rng.randint(0, min(3, cap - k))
             cells = _free_cells(rng, k + extra)
             others = [s for s in SHAPES if s != target]
             objs = [Obj(rng.choice(list(COLOURS)), target, *cells[i]) for i in range(k)]
@@ -207,10 +202,11 @@ def image_item(rng: random.Random, category: str, n_objects: int | None = None) 
     raise RuntimeError(f"could not build a scene for category {category!r}")
 
 
-def video_item(rng: random.Random, category: str) -> tuple[np.ndarray, list[list[Obj]], dict]:
+def video_item(rng: random.Random, category: str, max_distractors: int = 2) -> tuple[np.ndarray, list[list[Obj]], dict]:
     """One 8-frame video with a temporal question of `category`.
 
-    motion: one object moves 3-5 cells in one direction (one cell step at a time), 0-2 static distractors.
+    motion: one object moves 3-5 cells in one direction (one cell step at a time), 0 to `max_distractors`
+    static distractors.
     first: 2-3 objects of distinct shapes appear at distinct frames and stay.
 
     Returns:
@@ -229,7 +225,7 @@ def video_item(rng: random.Random, category: str) -> tuple[np.ndarray, list[list
         path = {(r0 + dr * s, c0 + dc * s) for s in range(dist + 1)}
         mover = (rng.choice(list(COLOURS)), rng.choice(SHAPES))
         statics = []
-        for r, c in _free_cells(rng, rng.randint(0, 2), taken=path):
+        for r, c in _free_cells(rng, rng.randint(0, max_distractors), taken=path):
             combo = mover
             while combo == mover:
                 combo = (rng.choice(list(COLOURS)), rng.choice(SHAPES))
@@ -248,8 +244,8 @@ def video_item(rng: random.Random, category: str) -> tuple[np.ndarray, list[list
         n = rng.randint(2, 3)
         shapes = rng.sample(SHAPES, n)
         starts = sorted(rng.sample(range(0, FRAMES - 1), n))
-        objs = [Obj(rng.choice(list(COLOURS)), s, *cell) for s, cell in zip(shapes, _free_cells(rng, n))]
-        frames = [[o for o, t0 in zip(objs, starts) if t >= t0] for t in range(FRAMES)]
+        objs = [Obj(rng.choice(list(COLOURS)), s, *cell) for s, cell in zip(shapes, _free_cells(rng, n), strict=True)]
+        frames = [[o for o, t0 in zip(objs, starts, strict=True) if t >= t0] for t in range(FRAMES)]
         q = dict(question="which shape appears first ?", options=list(SHAPES), answer=LETTERS[0], category="first")
         q["answer"] = LETTERS[SHAPES.index(shapes[0])]
     return np.stack([draw(f) for f in frames]), frames, q

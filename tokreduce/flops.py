@@ -118,3 +118,87 @@ def vit_flops(shape: ViTShape, tokens: int | list[int]) -> int:
 def projector_flops(vision_hidden: int, text_hidden: int, tokens: int, layers: int = 2) -> int:
     """LLaVA's MLP projector (Linear, GELU, Linear) on ``tokens`` visual tokens."""
     return 2 * tokens * (vision_hidden * text_hidden + (layers - 1) * text_hidden * text_hidden)
+
+
+@dataclass(frozen=True)
+class IdealReduction:
+    """FLOP-ideal prefill cost and KV-cache bytes of one prompt, unreduced and reduced.
+
+    ``lengths`` is the sequence length each decoder layer processes (and caches) in the reduced prefill.
+    """
+
+    full_flops: int
+    reduced_flops: int
+    full_kv_bytes: int
+    reduced_kv_bytes: int
+    lengths: tuple[int, ...]
+
+    @property
+    def prefill_ratio(self) -> float:
+        """Full / reduced prefill FLOPs: the speed-up a perfectly compute-bound implementation would get."""
+        return self.full_flops / self.reduced_flops
+
+    @property
+    def kv_ratio(self) -> float:
+        """Reduced / full KV-cache bytes after prefill."""
+        return self.reduced_kv_bytes / self.full_kv_bytes
+
+
+def ideal_reduction(
+    config, visual: int, kept: int, text: int, layer: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> IdealReduction:
+    """Ideal prefill FLOPs and KV bytes when ``visual`` tokens shrink to ``kept`` at decoder layer ``layer``.
+
+    Args:
+        config: an :class:`LMShape`, or a (VLM or text) Hugging Face config.
+        visual: reducible visual tokens of the prompt.
+        kept: visual tokens left after reduction (merged tokens count once).
+        text: every other token of the prompt (text, special tokens, anyres newlines).
+        layer: first decoder layer that sees the reduced sequence; 0 for methods acting before the LLM
+            (layers < ``layer`` process, and cache, all ``visual + text`` tokens).
+        dtype: dtype of the KV cache.
+    """
+    shape = config if isinstance(config, LMShape) else LMShape.from_config(config)
+    if not 0 <= kept <= visual or text < 0:
+        raise ValueError(f"need 0 <= kept <= visual and text >= 0, got visual={visual}, kept={kept}, text={text}")
+    full = visual + text
+    lengths = layer_lengths(shape, full, kept + text, layer)
+    return IdealReduction(
+        full_flops=prefill_flops(shape, full),
+        reduced_flops=prefill_flops(shape, lengths),
+        full_kv_bytes=kv_cache_bytes(shape, full, dtype),
+        reduced_kv_bytes=kv_cache_bytes(shape, lengths, dtype),
+        lengths=tuple(lengths),
+    )
+
+
+def reduction_layer(reducer) -> int:
+    """Decoder layer from which ``reducer`` shortens the sequence: its ``layer`` for stage "llm", else 0.
+
+    Stage "decode" (DyCoke stage 2) prunes only while decoding, so it does not change the prefill.
+    """
+    return int(reducer.layer) if getattr(reducer, "stage", "pre_llm") == "llm" else 0
+
+
+def ideal_for_method(
+    config,
+    method,
+    visual: int,
+    text: int,
+    keep: float | int = 1.0,
+    grid: tuple[int, int, int] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    **knobs,
+) -> IdealReduction:
+    """:func:`ideal_reduction` for a method's own budget on one visual span of ``visual`` tokens.
+
+    Args:
+        method: a registered name (built with ``keep`` and ``knobs``) or a :class:`tokreduce.Reducer`.
+        grid: (t, h, w) of the span; budgets of grid-aware methods (pool, DyCoke) depend on it.
+    """
+    if isinstance(method, str):
+        from tokreduce.registry import get_reducer  # lazy: flops.py stays importable on its own
+
+        method = get_reducer(method, keep=keep, **knobs)
+    kept = method.num_kept(visual, grid) if visual else 0
+    return ideal_reduction(config, visual, kept, text, reduction_layer(method), dtype)

@@ -1,0 +1,338 @@
+"""Vision-stage reduction (ToMe in the CLIP / SigLIP layers, VisionZip) on tiny LLaVA-family models."""
+
+import pytest
+import torch
+from conftest import IMAGE_TOKEN, VIDEO_TOKEN, anyres_inputs, build, llava_inputs, single
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+import tokreduce
+from tokreduce.adapters.vision import layer_scores
+
+FAMILIES = ["llava", "llava_next", "llava_onevision", "llava_next_video"]
+# greedy decoding that never emits placeholder ids (a random model may, and they would read as visual tokens)
+GREEDY = {"do_sample": False, "suppress_tokens": [IMAGE_TOKEN, VIDEO_TOKEN]}
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.set_num_threads(1)
+    cache = {}
+
+    def get(model_type, attn="sdpa"):
+        if (model_type, attn) not in cache:
+            cache[model_type, attn] = build(model_type, attn=attn)
+        return cache[model_type, attn]
+
+    return get
+
+
+def inputs_for(model, seed=1):
+    if model.config.model_type == "llava":
+        return llava_inputs((1, 2), seed=seed)
+    return anyres_inputs(model, seed=seed)
+
+
+def tome(**knobs):
+    return tokreduce.ToMe(stage="vision", **knobs)
+
+
+def session_of(model):
+    """The tokreduce session attached to ``model`` (owner of the pre-hook on the inner model)."""
+    for hook in model.model._forward_pre_hooks.values():
+        if hasattr(getattr(hook, "__self__", None), "records"):
+            return hook.__self__
+    raise AssertionError("no vision session attached")
+
+
+# -- identity ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_identity_is_bit_identical(models, model_type):
+    model = models(model_type)
+    inputs = inputs_for(model)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        ref_gen = model.generate(**inputs, max_new_tokens=3, **GREEDY)
+        for reducer in (tokreduce.VisionZip(keep=1.0), tome(r=0), tome(r=[0, 0], keep=1.0)):
+            with reducer(model) as state:
+                assert torch.equal(model(**inputs).logits, ref)
+                assert torch.equal(model.generate(**inputs, max_new_tokens=3, **GREEDY), ref_gen)
+            assert all(len(s.index) == s.num_tokens for row in state.selections for s in row)
+
+
+# -- VisionZip scores -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", ["llava", "llava_onevision"])  # CLIP (CLS row) and SigLIP (column sums)
+def test_scores_equal_eager_attention(models, model_type):
+    model = models(model_type, attn="eager")
+    tower = model.model.vision_tower
+    pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = tower(pixels, output_hidden_states=True, output_attentions=True)
+        for i, layer in enumerate(tower.encoder.layers):
+            scores, metric = layer_scores(layer, out.hidden_states[i], has_cls=model_type == "llava")
+            attn = out.attentions[i].float()  # (R, H, T, T)
+            want = attn[:, :, 0].sum(1) if model_type == "llava" else attn.sum(2).mean(1)
+            torch.testing.assert_close(scores, want, atol=1e-5, rtol=1e-5)
+            keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[i]))
+            torch.testing.assert_close(metric, keys.view(3, keys.shape[1], 4, -1).mean(2), atol=1e-6, rtol=1e-6)
+        # scoring in chunks of crops gives the same numbers
+        small = layer_scores(tower.encoder.layers[1], out.hidden_states[1], model_type == "llava", budget=1)
+        torch.testing.assert_close(
+            small[0], layer_scores(tower.encoder.layers[1], out.hidden_states[1], model_type == "llava")[0]
+        )
+
+
+def test_anyres_scores_reach_their_tokens(models):
+    """llava_next: the base view's tokens carry crop 0's CLS attention; high-res tokens carry their crop patch's."""
+    model = models("llava_next", attn="eager")
+    inputs = anyres_inputs(model, seed=2)
+    with torch.no_grad():
+        crops = inputs["pixel_values"][0]
+        eager = model.model.vision_tower(crops, output_attentions=True).attentions[1][:, :, 0, 1:].sum(1)  # (R, 16)
+        with tokreduce.VisionZip(keep=0.5)(model):
+            model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+            side = session_of(model).records["image"].side[0][:, 0]
+    torch.testing.assert_close(side[:16], eager[0], atol=1e-5, rtol=1e-5)
+    layout = tokreduce.adapters.get_adapter(model).layouts(model.model, inputs)["image"][0]
+    high = side[layout.pieces[1].offsets]
+    assert torch.isclose(high[:, None], eager[1:].flatten()[None], atol=1e-5).any(1).all()
+
+
+# -- VisionZip on llava: the paper's path, against a hand-built reference -----------------------------------
+def test_visionzip_llava_matches_hand_built_reference(models):
+    """Eager tower -> VisionZip by hand (CLS + dominant - 1 patches, contextual merge) -> projector -> LLM."""
+    model, eager = models("llava"), models("llava", attn="eager")
+    inputs = single(llava_inputs((2,), seed=3), 0, [2])
+    dominant, contextual = 5, 2
+    with torch.no_grad():
+        out = eager.model.vision_tower(inputs["pixel_values"], output_hidden_states=True, output_attentions=True)
+        hidden = out.hidden_states[-2]  # (2, 17, C): the feature layer (encoder layer 1) incl. CLS
+        cls_attention = out.attentions[1][:, :, 0, 1:].sum(1)  # (2, 16)
+        layer = eager.model.vision_tower.encoder.layers[1]
+        keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[1]))
+        metric = keys.view(2, 17, 4, -1).mean(2)[:, 1:]
+        patches = tokreduce.functional.visionzip(hidden[:, 1:], cls_attention, metric, dominant - 1, contextual)
+        projected = model.model.multi_modal_projector(torch.cat([hidden[:, :1], patches], 1))  # [CLS, dom, ctx]
+        ids = inputs["input_ids"][0]
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        starts = (ids == IMAGE_TOKEN).nonzero().squeeze(-1).view(2, 16)[:, 0]
+        reduced = []
+        for j in range(2):  # representative patch of every output token, as the paper orders them
+            dom = cls_attention[j].topk(dominant - 1).indices.sort().values
+            rest = torch.tensor([i for i in range(16) if i not in dom.tolist()])
+            targets = rest[torch.arange(0, len(rest), len(rest) // contextual)[:contextual]]
+            reps = torch.cat([dom, targets])
+            free = min(set(range(16)) - set(reps.tolist()))  # the CLS token's placeholder slot
+            slots, order = torch.cat([torch.tensor([free]), reps]).sort()
+            reduced.append(projected[j][order])
+            drop = torch.ones(16, dtype=torch.bool)
+            drop[slots] = False
+            keep[starts[j] + torch.arange(16)[drop]] = False
+        ref = model(
+            input_ids=ids[keep][None],
+            attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+            position_ids=torch.arange(len(ids))[keep][None],
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=reduced)},
+        ).logits
+        with tokreduce.VisionZip(dominant=dominant, contextual=contextual)(model) as state:
+            got = model(**inputs).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert state.stats.tokens_out == [2 * (dominant + contextual)]  # the CLS token counts
+    for s in state.selections[0]:
+        assert s.stage == "vision" and s.grid == (1, 4, 4) and len(s.index) == dominant + contextual - 1
+        assert (s.assign >= 0).all() and torch.equal(s.assign[s.index], torch.arange(len(s.index)))
+
+
+# -- ToMe on llava ----------------------------------------------------------------------------------------
+def test_tome_counts_follow_the_schedule(models):
+    model = models("llava")
+    inputs = llava_inputs((1, 2), seed=4)
+    with torch.no_grad():
+        for knobs, schedule in (({"r": 2}, [2, 2]), ({"r": [3, 1]}, [3, 1]), ({"keep": 6}, [5, 5])):
+            with tome(**knobs)(model) as state:
+                logits = model(**inputs).logits
+            kept = 16 - sum(schedule)
+            assert state.extra["schedule"] == schedule
+            assert state.extra["tokens_per_layer"] == [17 - sum(schedule[: i + 1]) for i in range(2)]
+            assert torch.equal(state.extra["size"].sum(1).squeeze(-1), torch.full((3,), 17.0))  # CLS + 16 patches
+            assert state.stats.tokens_out == [kept, 2 * kept] and logits.shape[1] < inputs["input_ids"].shape[1]
+            for s in (s for row in state.selections for s in row):
+                assert len(s.index) == kept and torch.equal(s.index, s.index.sort().values)
+                sizes = torch.bincount(s.assign, minlength=kept)
+                assert len(sizes) == kept and (sizes > 0).all() and int(sizes.sum()) == 16
+                assert torch.equal(s.assign[s.index], torch.arange(kept))  # a group holds its representative
+
+
+def test_tome_merging_identical_patches_is_the_identity():
+    """Constant pixels and no position embeddings: all patches are equal, so merging them (with proportional
+    attention) must not change any patch's feature."""
+    model = build("llava", seed=5)
+    model.model.vision_tower.embeddings.position_embedding.weight.data.zero_()
+    pixels = torch.full((2, 3, 28, 28), 0.3)
+    with torch.no_grad():
+        ref = model.model.get_image_features(pixel_values=pixels).pooler_output
+        with tome(r=3)(model):
+            got = model.model.get_image_features(pixel_values=pixels).pooler_output
+            assert session_of(model).records["image"].tome.num_kept == 17 - 6
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# -- batching, generate, hygiene --------------------------------------------------------------------------
+REDUCERS = {"visionzip": lambda: tokreduce.VisionZip(keep=0.4), "tome": lambda: tome(r=2)}
+
+
+@pytest.mark.parametrize("name", REDUCERS)
+def test_ragged_batch_equals_single_runs(models, name):
+    model = models("llava")
+    counts = (1, 3, 2)
+    inputs = llava_inputs(counts, seed=5)
+    with torch.no_grad(), REDUCERS[name]()(model) as state:
+        batched = model.generate(**inputs, max_new_tokens=4, **GREEDY)
+        batch_sel = [[(s.index.tolist(), s.assign.tolist()) for s in row] for row in state.selections]
+        for i in range(len(counts)):
+            alone = model.generate(**single(inputs, i, counts), max_new_tokens=4, **GREEDY)
+            assert batched[i, -4:].tolist() == alone[0, -4:].tolist()
+            assert [(s.index.tolist(), s.assign.tolist()) for s in state.selections[0]] == batch_sel[i]
+
+
+@pytest.mark.parametrize(
+    "model_type,name", [("llava", "visionzip"), ("llava", "tome"), ("llava_onevision", "visionzip")]
+)
+def test_cached_decode_matches_recomputation(models, model_type, name):
+    """Cached decode == a no-cache forward over prompt + generated tokens, under both position policies."""
+    model = models(model_type)
+    inputs = inputs_for(model, seed=7)
+    b = inputs["input_ids"].shape[0]
+    for policy in ("original", "compact"):
+        reducer = REDUCERS[name]()
+        reducer.positions = policy
+        with torch.no_grad(), reducer(model) as state:
+            gen = model.generate(**inputs, max_new_tokens=4, output_logits=True, return_dict_in_generate=True, **GREEDY)
+            selections = [[s.index.tolist() for s in row] for row in state.selections]
+            full = torch.cat([inputs["attention_mask"], torch.ones(b, 4, dtype=torch.long)], 1)
+            again = model(
+                **{**inputs, "input_ids": gen.sequences, "attention_mask": full},
+                position_ids=(full.cumsum(-1) - 1).clamp(min=0),
+                use_cache=False,
+            ).logits
+            assert [[s.index.tolist() for s in row] for row in state.selections] == selections
+        assert sum(state.stats.tokens_out) < sum(state.stats.tokens_in)
+        torch.testing.assert_close(gen.logits[-1], again[:, -2], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision", "llava_next_video"])
+def test_visionzip_on_anyres_and_video_families(models, model_type):
+    """Every grid reduced to its budget, newline tokens kept, forward and generate() paths agree."""
+    model = models(model_type)
+    inputs = anyres_inputs(model, seed=1)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with tokreduce.VisionZip(keep=0.5)(model) as state:
+            out = model(**inputs).logits
+            forward = [[(s.grid, s.index.tolist()) for s in row] for row in state.selections]
+            model.generate(**inputs, max_new_tokens=2, **GREEDY)
+            generated = [[(s.grid, s.index.tolist()) for s in row] for row in state.selections]
+    assert forward == generated
+    spans = state.selections[0]
+    assert {s.modality for s in spans} == ({"image"} if model_type == "llava_next" else {"image", "video"})
+    for s in spans:
+        assert s.stage == "vision" and len(s.index) == tokreduce.functional.budget(s.num_tokens, 0.5)
+        assert s.assign is not None and (s.assign >= 0).all()
+    assert out.shape[1] == ref.shape[1] - sum(s.num_tokens - len(s.index) for s in spans)
+
+
+@pytest.mark.parametrize(
+    "model_type,name", [("llava", "visionzip"), ("llava", "tome"), ("llava_onevision", "visionzip")]
+)
+def test_hooks_removed_after_exit_and_unwrap(models, model_type, name):
+    model = models(model_type)
+    inputs = inputs_for(model)
+
+    def patched():
+        hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+        overrides = sum(
+            k in m.__dict__ for m in model.modules() for k in ("forward", "get_image_features", "get_video_features")
+        )
+        return hooks, overrides
+
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        before = patched()
+        with REDUCERS[name]()(model):
+            assert patched() > before
+            assert model(**inputs).logits.shape[1] < ref.shape[1]
+        assert patched() == before
+        assert torch.equal(model(**inputs).logits, ref)
+        tokreduce.wrap(model, REDUCERS[name]())
+        assert model(**inputs).logits.shape[1] < ref.shape[1]
+        tokreduce.unwrap(model)
+        assert patched() == before
+        assert torch.equal(model(**inputs).logits, ref)
+
+
+# -- refusals ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision", "llava_next_video"])
+def test_tome_in_the_tower_is_refused_for_anyres_and_video(models, model_type):
+    model = models(model_type)
+    with pytest.raises(ValueError, match=f"{model_type}.*stage='pre_llm'"):
+        with tome(r=2)(model):
+            pass
+    assert not any("forward" in m.__dict__ for m in model.modules())  # nothing left behind
+
+
+def test_bad_requests_are_refused(models):
+    model = models("llava")
+    inputs = llava_inputs((1,))
+    with pytest.raises(ValueError, match="one entry per layer"):
+        with tome(r=[1, 1, 1])(model):
+            pass
+    with pytest.raises(ValueError, match="not both"):
+        with tome(r=1, keep=0.5)(model):
+            pass
+    with pytest.raises(ValueError, match="visionzip layer"):
+        with tokreduce.VisionZip(keep=0.5, layer=7)(model):
+            pass
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"])
+        given = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        with tokreduce.VisionZip(keep=0.5)(model), pytest.raises(ValueError, match="pixel"):
+            model(**given, mm_encoder_outputs={"image": feats})
+        with tokreduce.VisionZip(keep=0.5)(model), pytest.raises(ValueError, match="vision_feature_layer"):
+            model(**inputs, vision_feature_layer=-1)
+    multi = build("llava")
+    multi.config.vision_feature_layer = [-2, -1]
+    with pytest.raises(ValueError, match="single vision_feature_layer"):
+        with tokreduce.VisionZip(keep=0.5)(multi):
+            pass
+
+
+# -- budget edge cases (PITFALLS 12) ----------------------------------------------------------------------
+def test_budget_edge_cases(models):
+    model = models("llava")
+    inputs = llava_inputs((1, 2), seed=8)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with tokreduce.VisionZip(keep=1)(model) as state:  # k = 1: the CLS token alone stands for the image
+            model(**inputs)
+        assert state.stats.tokens_out == [1, 2] and all(len(s.index) == 0 for row in state.selections for s in row)
+        with tokreduce.VisionZip(dominant=16, contextual=3)(model) as state:  # k = N (clamped): nothing changes
+            assert torch.equal(model(**inputs).logits, ref)
+        with tome(r=100)(model) as state:  # ToMe halves at most per layer: 17 -> 9 -> 5 (CLS protected)
+            model(**inputs)
+        assert state.extra["schedule"] == [8, 4] and state.stats.tokens_out == [4, 8]
+    onevision = models("llava_onevision")
+    inputs = anyres_inputs(onevision, seed=8)
+    with torch.no_grad(), tokreduce.VisionZip(keep=1)(onevision) as state:
+        onevision(**inputs)
+    assert all(len(s.index) == 1 for s in state.selections[0])
+
+
+@pytest.mark.parametrize("name", REDUCERS)
+def test_beam_search_reduces_every_beam_alike(models, name):
+    model = models("llava")
+    inputs = llava_inputs((1,), seed=9)
+    with torch.no_grad(), REDUCERS[name]()(model) as state:
+        out = model.generate(**inputs, max_new_tokens=2, num_beams=2, **GREEDY)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 2)
+    beams = [[s.index.tolist() for s in row] for row in state.selections]
+    assert len(beams) == 2 and beams[0] == beams[1] and state.stats.tokens_out[0] < 16

@@ -1,0 +1,642 @@
+"""Bench: measured prefill speed-up, method overhead and KV-cache bytes of every method against the ideal.
+
+What is measured. Realistic-dimension models with random weights are built from the published configs
+(nothing is downloaded; speed does not depend on the weight values, only on shapes and token counts):
+``qwen2-vl-2b`` (Qwen2-VL-2B-Instruct) and ``llava-ov-0.5b`` (LLaVA-OneVision-Qwen2-0.5B: Qwen2-0.5B LM,
+SigLIP so400m tower), in bfloat16 on the CPU. The prompt is text around one video whose visual tokens
+are fed as precomputed projected features through the model's ``mm_encoder_outputs`` argument, the same
+path ``generate`` uses, so the adapters reduce them exactly as in real use while the vision encoder,
+which runs identically with and without reduction, is not timed (and is built with one block only, to
+save memory; it never runs). Vision-stage methods (VisionZip) need the encoder's attention and are
+therefore not benchmarked here (see ``scripts/bench_vit.py`` for ToMe inside a ViT).
+
+Per model, visual-token count, method and keep:
+
+- prefill time of the full and the reduced model (``forward`` with a fresh KV cache and logits for the
+  last token only, as ``generate`` does), median of ``--repeats`` runs each; full and reduced runs
+  alternate so that load from other processes hits both alike;
+- the FLOP-ideal ratio from :mod:`tokreduce.flops` for the token counts the method actually kept, and
+  achieved / ideal;
+- the method's own time (``state.stats.seconds``: choosing and merging tokens) in ms and as % of the
+  full prefill (PITFALLS 15);
+- KV-cache bytes after prefill, summed over the real cache tensors of every layer, against the full
+  cache and the ideal (layers before K keep every token for in-LLM methods; PITFALLS 9);
+- decode tokens/s of ``generate`` after the (reduced) prefill.
+
+``--layers N`` keeps the first N decoder layers (all dimensions unchanged) to bound the run time. FLOP
+ratios of methods acting before the LLM do not depend on depth; for layer-K methods (FastV, DART,
+FrameFusion) the ideal ratio falls with fewer layers, because K full-length layers weigh more; the ideal
+column is computed for the depth actually run. Overhead % of full prefill grows as depth shrinks.
+
+Threads. With more torch threads than idle cores, every OpenMP barrier waits for a descheduled thread
+and small ops (norms, rotary, the method's own work) get 10-50x slower, which swamps every ratio; on a
+shared machine use ``--threads 1`` (the bench warns when the load average says so).
+
+Video features have temporal redundancy (each frame = a shared per-position base + noise, cosine about
+0.8 between frames), so similarity-driven methods (FrameFusion, DyCoke, ToMe) take their usual paths.
+
+    tokreduce bench                         # both models, 576 / 2304 tokens, keep 0.5 / 0.25 / 0.11
+    tokreduce bench --quick                 # 15-60 s
+    tokreduce bench --threads 1             # steadier on a shared machine (see below)
+    tokreduce bench --models qwen2-vl-2b --methods fastv,divprune --keep 0.25 --tokens 2304 --layers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tokreduce.flops import LMShape, ideal_reduction, reduction_layer
+
+# Published config fields of the checkpoints (kept here so that the bench runs from an installed package).
+QWEN2_VL_2B = {
+    "model_type": "qwen2_vl",
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vision_config": {
+        "depth": 32,
+        "embed_dim": 1280,
+        "mlp_ratio": 4,
+        "num_heads": 16,
+        "hidden_size": 1536,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    },
+}
+LLAVA_OV_05B = {
+    "model_type": "llava_onevision",
+    "image_token_index": 151646,
+    "video_token_index": 151647,
+    "vision_aspect_ratio": "anyres_max_9",
+    "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "full",
+    "image_grid_pinpoints": [[384, 384], [384, 768], [768, 384], [768, 768]],
+    "tie_word_embeddings": True,
+    "text_config": {
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 32768,
+    },
+    "vision_config": {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 26,
+        "image_size": 384,
+        "patch_size": 14,
+        "vision_use_head": False,
+    },
+}
+
+
+def _tiny(config: dict, text: dict, vision: dict) -> dict:
+    """A small copy of a config for tests and --quick smoke runs (same code paths, tiny dimensions)."""
+    out = json.loads(json.dumps(config))
+    target = out.get("text_config", out)
+    target.update(text)
+    out["vision_config"].update(vision)
+    return out
+
+
+_TINY_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+MODELS = {
+    "qwen2-vl-2b": QWEN2_VL_2B,
+    "llava-ov-0.5b": LLAVA_OV_05B,
+    "tiny-qwen2-vl": _tiny(
+        QWEN2_VL_2B,
+        {**_TINY_TEXT, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},
+        {"embed_dim": 32, "num_heads": 2, "hidden_size": 64},
+    ),
+    "tiny-llava-ov": _tiny(
+        LLAVA_OV_05B, _TINY_TEXT, {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}
+    ),
+}
+DEFAULT_MODELS = ("qwen2-vl-2b", "llava-ov-0.5b")
+# vision-stage methods need the vision encoder's attention, which this bench does not run
+DEFAULT_METHODS = ("random", "uniform", "pool", "tome", "divprune", "dycoke", "fastv", "dart", "framefusion")
+QUICK_METHODS = ("random", "divprune", "dycoke", "fastv")
+# 8 of 28 (Qwen2-VL-2B) / 24 (Qwen2-0.5B) layers keeps the default sweep in about 20 minutes on 1-2 CPU cores
+DEFAULT_LAYERS = 8
+QUICK_LAYERS = 4  # layer-K methods need layers > K = 2
+COLUMNS = (
+    "model",
+    "layers",
+    "method",
+    "keep",
+    "visual",
+    "kept",
+    "text",
+    "full ms",
+    "reduced ms",
+    "ratio",
+    "ideal",
+    "achieved/ideal",
+    "overhead ms",
+    "overhead %",
+    "KV MiB",
+    "KV/full",
+    "KV/ideal",
+    "decode tok/s",
+    "full decode tok/s",
+)
+
+
+# -- models and prompts -------------------------------------------------------------------------------------
+def build_model(name: str, layers: int | None = None, dtype: torch.dtype = torch.bfloat16):
+    """A random-weight model of a known config; ``layers`` keeps only the first N decoder layers (0/None: all)."""
+    import transformers as tf
+
+    if name not in MODELS:
+        raise ValueError(f"unknown bench model {name!r}; known: {sorted(MODELS)}")
+    fields = json.loads(json.dumps(MODELS[name]))
+    vision = fields["vision_config"]
+    vision["depth" if "depth" in vision else "num_hidden_layers"] = 1  # never runs: features are precomputed
+    text = fields.get("text_config", fields)
+    if layers is not None and layers < 0:
+        raise ValueError(f"--layers must be >= 0 (0 = all), got {layers}")
+    if layers:  # the first N layers, at most all of them
+        text["num_hidden_layers"] = min(layers, text["num_hidden_layers"])
+    config = tf.AutoConfig.for_model(**fields)
+    torch.manual_seed(0)
+    cls = {"qwen2_vl": tf.Qwen2VLForConditionalGeneration, "llava_onevision": tf.LlavaOnevisionForConditionalGeneration}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in bf16 directly: half the memory and time of fp32 + cast
+    try:
+        model = cls[config.model_type](config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def _frames_features(frames: int, tokens: int, dim: int, g: torch.Generator, dtype) -> torch.Tensor:
+    """(frames * tokens, dim) features with temporal redundancy: shared per-position base + per-frame noise."""
+    base = torch.randn(1, tokens, dim, generator=g)
+    noise = torch.randn(frames, tokens, dim, generator=g)
+    return (base + 0.5 * noise).reshape(frames * tokens, dim).to(dtype)
+
+
+@dataclass
+class Prompt:
+    """One prefill call: forward kwargs, reducible visual tokens, other tokens, and the video's (t, h, w) grid."""
+
+    inputs: dict
+    visual: int
+    text: int
+    grid: tuple[int, int, int]
+
+
+def make_prompt(model, tokens: int, text: tuple[int, int] = (16, 48), seed: int = 0) -> Prompt:
+    """Text, a video of about ``tokens`` visual tokens as precomputed features, text; batch of one.
+
+    Qwen2-VL: frames of 12 x 12 merged tokens (336 px), so 576 and 2304 are exact. LLaVA-OneVision:
+    frames of 14 x 14 pooled tokens (384 px SigLIP, 2 x 2 pooling) and one trailing newline token, so the
+    count is the nearest whole number of frames (588 for 576, 2352 for 2304).
+    """
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    config = model.config
+    g = torch.Generator().manual_seed(seed)
+    vocab = config.get_text_config().vocab_size
+    dtype = model.dtype
+    hidden = config.get_text_config().hidden_size
+
+    def words(n):  # ordinary text ids, clear of every special / placeholder id
+        return torch.randint(3, min(vocab, 150000) - 20, (n,), generator=g)
+
+    if config.model_type == "qwen2_vl":
+        side = 12
+        frames = max(1, round(tokens / side**2))
+        run = frames * side * side
+        ids = torch.cat(
+            [
+                words(text[0]),
+                torch.tensor([config.vision_start_token_id]),
+                torch.full((run,), config.video_token_id),
+                torch.tensor([config.vision_end_token_id]),
+                words(text[1]),
+            ]
+        )[None]
+        types = (ids == config.video_token_id).int() * 2
+        feats = _frames_features(frames, side * side, hidden, g, dtype)
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "mm_token_type_ids": types,
+            "video_grid_thw": torch.tensor([[frames, 2 * side, 2 * side]]),
+            "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=[feats])},
+        }
+        return Prompt(inputs, run, ids.shape[1] - run, (frames, side, side))
+    if config.model_type == "llava_onevision":
+        side = -(-(config.vision_config.image_size // config.vision_config.patch_size) // 2)
+        frames = max(1, round(tokens / side**2))
+        run = frames * side * side
+        ids = torch.cat([words(text[0]), torch.full((run + 1,), config.video_token_id), words(text[1])])[None]
+        feats = _frames_features(frames, side * side, hidden, g, dtype)
+        feats = torch.cat([feats, model.model.image_newline[None].to(dtype)])  # the video's trailing newline
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=feats[None])},
+        }
+        return Prompt(inputs, run, ids.shape[1] - run, (frames, side, side))
+    raise ValueError(f"bench prompts exist for qwen2_vl and llava_onevision, not {config.model_type!r}")
+
+
+def fresh(inputs: dict) -> dict:
+    """A shallow copy whose encoder-output dict is new (the model's forward fills that dict in place)."""
+    out = dict(inputs)
+    if "mm_encoder_outputs" in out:
+        out["mm_encoder_outputs"] = dict(out["mm_encoder_outputs"])
+    return out
+
+
+# -- measurements -------------------------------------------------------------------------------------------
+def cache_layer_bytes(cache) -> list[int]:
+    """Bytes of the key and value tensors held by each layer of a (dynamic) KV cache."""
+    out = []
+    for layer in cache.layers:
+        out.append(sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None))
+    return out
+
+
+def prefill(model, prompt: Prompt):
+    """One timed prefill: (seconds, per-layer cache bytes)."""
+    inputs = fresh(prompt.inputs)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        seconds = time.perf_counter() - start
+    return seconds, cache_layer_bytes(out.past_key_values)
+
+
+class _Clock:
+    """A logits processor that records when each generated token's logits are ready."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def decode_rate(model, prompt: Prompt, new_tokens: int) -> float:
+    """Tokens/s of the decode steps of ``generate`` (the prefill, which yields token 1, is excluded)."""
+    from transformers import LogitsProcessorList
+
+    if new_tokens < 2:
+        return float("nan")
+    clock = _Clock()
+    config = model.config
+    special = [
+        getattr(config, k, None)
+        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    ]
+    with torch.inference_mode():
+        model.generate(
+            **fresh(prompt.inputs),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+            suppress_tokens=[s for s in special if s is not None],
+        )
+    return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+
+
+@dataclass
+class Row:
+    """One line of the result table (times in ms, bytes in bytes)."""
+
+    model: str
+    layers: int
+    method: str
+    keep: float
+    visual: int
+    kept: int
+    text: int
+    full_ms: float
+    reduced_ms: float
+    ratio: float
+    ideal: float
+    overhead_ms: float
+    kv_bytes: int
+    kv_full_bytes: int
+    kv_ideal_bytes: int
+    kv_layer_error: float
+    decode_tps: float
+    full_decode_tps: float
+    best_ratio: float = float("nan")  # min(full) / min(reduced): less sensitive to load spikes than medians
+    lm_head_ms: float = float("nan")  # last-token logits, included in both prefill times
+
+    def cells(self) -> list[str]:
+        return [
+            self.model,
+            str(self.layers),
+            self.method,
+            f"{self.keep:g}",
+            str(self.visual),
+            str(self.kept),
+            str(self.text),
+            f"{self.full_ms:.0f}",
+            f"{self.reduced_ms:.0f}",
+            f"{self.ratio:.2f}",
+            f"{self.ideal:.2f}",
+            f"{self.ratio / self.ideal:.2f}",
+            f"{self.overhead_ms:.1f}",
+            f"{100 * self.overhead_ms / self.full_ms:.2f}",
+            f"{self.kv_bytes / 2**20:.1f}",
+            f"{self.kv_bytes / self.kv_full_bytes:.3f}",
+            f"{self.kv_bytes / self.kv_ideal_bytes:.3f}",
+            f"{self.decode_tps:.1f}",
+            f"{self.full_decode_tps:.1f}",
+        ]
+
+
+class Baseline:
+    """The full model on one prompt: per-layer cache bytes and decode rate, measured once."""
+
+    def __init__(self, model, prompt: Prompt, decode_tokens: int):
+        self.decode_tps = decode_rate(model, prompt, decode_tokens)  # also the warm-up
+        _, self.layer_bytes = prefill(model, prompt)
+        self.lm_head_s = lm_head_seconds(model)
+
+
+def lm_head_seconds(model, repeats: int = 5) -> float:
+    """Median time of the last-token logits (hidden x vocab): a cost every prefill pays whatever its length.
+
+    The FLOP count makes it negligible (2 * hidden * vocab), but on a CPU it is a matrix-vector product
+    bound by reading the whole (vocab, hidden) weight, tens of ms, which caps the measurable speed-up of
+    shallow or small models (see the notes under the table).
+    """
+    hidden = torch.randn(1, 1, model.config.get_text_config().hidden_size, dtype=model.dtype)
+    head = model.get_output_embeddings()
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            head(hidden)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def bench_cell(
+    model_name, model, prompt: Prompt, base: Baseline, method: str, keep: float, repeats: int, decode_tokens: int
+) -> Row:
+    """``repeats`` pairs of full and reduced prefills of one method and keep, interleaved; one Row.
+
+    Pairs keep both sides under the same machine load (other processes come and go on a shared machine);
+    the ratio is median(full) / median(reduced) over the pairs (``best_ratio``, in the JSON, uses minima).
+    """
+    from tokreduce import get_reducer
+
+    reducer = get_reducer(method, keep=keep)
+    shape = LMShape.from_config(model.config)
+    full, times, overheads = [], [], []
+    with reducer(model) as state:
+        tps = decode_rate(model, prompt, decode_tokens)  # also the warm-up of the reduced lengths
+    for _ in range(repeats):
+        full.append(prefill(model, prompt)[0])
+        with reducer(model) as state:
+            seconds, layer_bytes = prefill(model, prompt)
+        times.append(seconds)
+        overheads.append(state.stats.seconds)
+    kept = sum(state.stats.tokens_out)
+    if sum(state.stats.tokens_in) != prompt.visual:
+        raise RuntimeError(f"{method}: reduced {sum(state.stats.tokens_in)} visual tokens, expected {prompt.visual}")
+    ideal = ideal_reduction(shape, prompt.visual, kept, prompt.text, reduction_layer(reducer), model.dtype)
+    per_token = 2 * shape.kv_heads * shape.head_dim * model.dtype.itemsize
+    error = max(abs(b - per_token * n) / (per_token * n) for b, n in zip(layer_bytes, ideal.lengths, strict=True))
+    full_s, reduced = statistics.median(full), statistics.median(times)
+    return Row(
+        model=model_name,
+        layers=shape.layers,
+        method=method,
+        keep=keep,
+        visual=prompt.visual,
+        kept=kept,
+        text=prompt.text,
+        full_ms=1e3 * full_s,
+        reduced_ms=1e3 * reduced,
+        ratio=full_s / reduced,
+        ideal=ideal.prefill_ratio,
+        overhead_ms=1e3 * statistics.median(overheads),
+        kv_bytes=sum(layer_bytes),
+        kv_full_bytes=sum(base.layer_bytes),
+        kv_ideal_bytes=ideal.reduced_kv_bytes,
+        kv_layer_error=error,
+        decode_tps=tps,
+        full_decode_tps=base.decode_tps,
+        best_ratio=min(full) / min(times),
+        lm_head_ms=1e3 * base.lm_head_s,
+    )
+
+
+# -- output -------------------------------------------------------------------------------------------------
+def markdown(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> bool:
+    """Measured vs ideal prefill speed-up (left) and method overhead as % of full prefill (right)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print('# no plot: matplotlib is not installed (pip install "tokreduce[eval]")', file=sys.stderr)
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({r.method for r in rows})
+    models = sorted({r.model for r in rows})
+    markers = "o^sDv<>"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    for i, method in enumerate(methods):
+        for j, model in enumerate(models):
+            mine = [r for r in rows if r.method == method and r.model == model]
+            style = {"color": plt.cm.tab10(i % 10), "marker": markers[j % len(markers)]}
+            left.scatter([r.ideal for r in mine], [r.ratio for r in mine], label=method if j == 0 else None, **style)
+            right.scatter([r.visual for r in mine], [100 * r.overhead_ms / r.full_ms for r in mine], **style)
+    for j, model in enumerate(models):  # legend entries for the marker of each model
+        left.scatter([], [], facecolors="none", edgecolors="k", marker=markers[j % len(markers)], label=model)
+    top = max([r.ideal for r in rows] + [r.ratio for r in rows]) * 1.05
+    left.plot([1, top], [1, top], "k--", lw=1, label="ideal")
+    left.plot([1, top], [0.9, 0.9 * top], "k:", lw=1, label="0.9 x ideal")
+    left.set(
+        xlabel="FLOP-ideal prefill speed-up",
+        ylabel="measured prefill speed-up (full / reduced)",
+        title="prefill speed-up vs ideal",
+    )
+    left.legend(fontsize=8)
+    right.axhline(2, color="k", ls=":", lw=1)
+    right.set(xlabel="visual tokens", ylabel="method overhead, % of full prefill", title="selection overhead")
+    fig.suptitle(", ".join(sorted({f"{r.model} ({r.layers} layers)" for r in rows})), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# -- command line -------------------------------------------------------------------------------------------
+def _list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="15-60 s: llava-ov-0.5b with 4 layers, 576 tokens, keep 0.25, 4 methods",
+    )
+    parser.add_argument("--models", type=_list, help=f"comma-separated, from {sorted(MODELS)}")
+    parser.add_argument("--methods", type=_list, help=f"comma-separated (default {','.join(DEFAULT_METHODS)})")
+    parser.add_argument(
+        "--keep", type=lambda s: [float(x) for x in _list(s)], help="comma-separated (default 0.5,0.25,0.11)"
+    )
+    parser.add_argument("--tokens", type=lambda s: [int(x) for x in _list(s)], help="visual tokens (default 576,2304)")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        help=f"keep only the first N decoder layers, 0 = all (default {DEFAULT_LAYERS}; --quick {QUICK_LAYERS})",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed prefills per cell (median; default 3)")
+    parser.add_argument("--decode-tokens", type=int, default=8, help="tokens generated for decode tok/s (default 8)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.md/.json/.png")
+
+
+def resolve(args) -> argparse.Namespace:
+    """Fill the defaults (``--quick`` changes them) and validate the lists."""
+    from tokreduce import list_reducers
+
+    quick = args.quick
+    args.models = args.models or (["llava-ov-0.5b"] if quick else list(DEFAULT_MODELS))
+    args.methods = args.methods or list(QUICK_METHODS if quick else DEFAULT_METHODS)
+    args.keep = args.keep or ([0.25] if quick else [0.5, 0.25, 0.11])
+    args.tokens = args.tokens or ([576] if quick else [576, 2304])
+    if args.layers is None:
+        args.layers = QUICK_LAYERS if quick else DEFAULT_LAYERS
+    for name in args.models:
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r} for --models; known: {sorted(MODELS)}")
+    for name in args.methods:
+        if name not in list_reducers():
+            raise ValueError(f"unknown method {name!r} for --methods; registered: {list_reducers()}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    return args
+
+
+def write(rows: list[Row], args) -> str:
+    """Write bench.json (raw rows) and bench.md (header + table) under ``args.out``; returns the markdown."""
+    header = (
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) on {os.cpu_count()} cores (load average "
+        f"{args.load:.1f} at start), bf16, median of {args.repeats} interleaved full / reduced prefills. ratio = full / reduced prefill time; "
+        "ideal = FLOP ratio for the token counts kept (tokreduce.flops); overhead = state.stats.seconds; "
+        "KV = bytes of the cache tensors after prefill."
+    )
+    heads = {f"{r.model} ({r.layers} layers)": r.lm_head_ms for r in rows}
+    notes = "; ".join(f"{name} {ms:.0f} ms" for name, ms in heads.items())
+    text = header + "\n\n" + markdown(rows)
+    if rows:
+        text += f"\n\nlm_head (last-token logits, reads the whole vocab x hidden weight; in every prefill, any length): {notes}."
+    (args.out / "bench.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    (args.out / "bench.md").write_text(text + "\n")
+    return text
+
+
+def run(args) -> int:
+    """Run the sweep, print the table, write bench.md / bench.json / bench.png under ``--out``."""
+    from tokreduce import get_reducer
+
+    args = resolve(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    args.load = load
+    if load > cores - torch.get_num_threads() + 0.5:
+        # OpenMP threads that wait for a descheduled sibling at every barrier make small ops 10-50x slower
+        hint = " (try --threads 1)" if torch.get_num_threads() > 1 else ""
+        print(
+            f"# warning: load average {load:.1f} on {cores} cores; timings with {torch.get_num_threads()} thread(s) will "
+            f"be noisy{hint}",
+            file=sys.stderr,
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    for name in args.models:
+        started = time.perf_counter()
+        model = build_model(name, args.layers)
+        print(
+            f"# {name}: built in {time.perf_counter() - started:.0f} s, {torch.get_num_threads()} threads",
+            file=sys.stderr,
+            flush=True,
+        )
+        for tokens in args.tokens:
+            prompt = make_prompt(model, tokens)
+            base = Baseline(model, prompt, args.decode_tokens)
+            for method in args.methods:
+                if get_reducer(method).stage == "vision":
+                    print(
+                        f"# skip {method}: vision-stage methods need the vision encoder, which this bench does not run",
+                        file=sys.stderr,
+                    )
+                    continue
+                for keep in args.keep:
+                    row = bench_cell(name, model, prompt, base, method, keep, args.repeats, args.decode_tokens)
+                    rows.append(row)
+                    print("| " + " | ".join(row.cells()) + " |", file=sys.stderr, flush=True)
+                    write(rows, args)  # after every cell: an interrupted run keeps what it measured
+        del model
+    table = write(rows, args)
+    print(table)
+    plotted = bool(rows) and plot(rows, args.out / "bench.png")
+    written = ["bench.md", "bench.json"] + (["bench.png"] if plotted else [])
+    print(f"\nwrote {', '.join(str(args.out / name) for name in written)}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tokreduce bench")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
