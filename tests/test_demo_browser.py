@@ -122,14 +122,6 @@ def test_run_an_example_and_see_tokens_answers_and_savings(browser, demo_url, tm
     print(f"screenshot: {shot}")
     assert shot.stat().st_size > 10_000
 
-    # a method this model does not support at its stage: a message, and the app keeps working
-    choose(page, "visionzip", 0.5)
-    page.locator("#run").click()
-    page.wait_for_function(
-        "document.querySelector('#status').innerText.includes('could not run')", timeout=RUN_TIMEOUT_MS
-    )
-    assert "llava_onevision" in page.locator("#status").inner_text()
-
 
 def test_video_example_with_an_in_llm_method(browser, demo_url, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
