@@ -371,6 +371,46 @@ def stage_of(reducer) -> str:
     return getattr(reducer, "stage", "pre_llm")
 
 
+class ItemEdits:
+    """Per-item reduced features being built span by span, and which placeholder tokens survive.
+
+    ``write`` replaces one span's tokens by its kept values; ``finish`` drops the rest from every item and
+    marks the dropped sequence positions in ``keep`` (B, N). Shared by the pre-LLM and the vision stages.
+    """
+
+    def __init__(self, features: dict):
+        self.features = features
+        self.outputs = {m: list(feats) for m, feats in features.items()}
+        self.item_keep = {
+            m: [torch.ones(f.shape[0], dtype=torch.bool, device=f.device) for f in feats]
+            for m, feats in features.items()
+        }
+        self.changed = False
+
+    def write(self, span: Span, offsets: Tensor, slots: Tensor, values: Tensor) -> None:
+        """Keep ``offsets[slots]`` of the span's tokens, holding ``values`` (K, C); the span's other tokens go."""
+        self.changed = True
+        kept = offsets[slots]
+        mask = self.item_keep[span.modality][span.item]
+        mask[offsets] = False
+        mask[kept] = True
+        out = self.outputs[span.modality][span.item]
+        if out is self.features[span.modality][span.item]:
+            out = self.outputs[span.modality][span.item] = out.clone()
+        out[kept] = values.to(out.dtype)
+
+    def finish(self, placed: dict, keep: Tensor) -> dict | None:
+        """The reduced per-item features (None if no span changed); updates ``keep`` in place."""
+        if not self.changed:
+            return None
+        for modality, items in placed.items():
+            for i, (sample, positions) in enumerate(items):
+                mask = self.item_keep[modality][i]
+                keep[sample, positions[~mask.to(positions.device)]] = False
+                self.outputs[modality][i] = self.outputs[modality][i][mask]
+        return self.outputs
+
+
 def reduce_features(
     reducer,
     spans: list[Span],
@@ -393,11 +433,7 @@ def reduce_features(
         side: per-token side information aligned with the items, ``{TokenContext field: {modality: [(L_i, *)]}}``
             (e.g. ViT attention scores for VisionZip), handed to the reducer for each span.
     """
-    changed = False
-    outputs = {m: [f for f in feats] for m, feats in features.items()}
-    item_keep = {
-        m: [torch.ones(f.shape[0], dtype=torch.bool, device=f.device) for f in feats] for m, feats in features.items()
-    }
+    edits = ItemEdits(features)
     with Timer(state):
         for span in spans:
             feats = features[span.modality][span.item]
@@ -411,23 +447,8 @@ def reduce_features(
             if selection.is_identity:
                 continue
             values = selection.merge(tokens)
-            changed = True
-            kept = offsets[selection.index[0]]
-            mask = item_keep[span.modality][span.item]
-            mask[offsets] = False
-            mask[kept] = True
-            out = outputs[span.modality][span.item]
-            if out is feats:
-                out = outputs[span.modality][span.item] = feats.clone()
-            out[kept] = values[0].to(out.dtype)
-    if not changed:
-        return None
-    for modality, items in placed.items():
-        for i, (sample, positions) in enumerate(items):
-            mask = item_keep[modality][i]
-            keep[sample, positions[~mask.to(positions.device)]] = False
-            outputs[modality][i] = outputs[modality][i][mask]
-    return outputs
+            edits.write(span, offsets, selection.index[0], values[0])
+    return edits.finish(placed, keep)
 
 
 class VLMAdapter:

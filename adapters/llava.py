@@ -113,6 +113,17 @@ def image_features(inner, kw: dict, **extra) -> list[Tensor]:
     return list(out.pooler_output)
 
 
+def video_features(inner, kw: dict) -> list[Tensor]:
+    """The model's own projected (pooled) video features, one (L_i, C) tensor per video."""
+    out = inner.get_video_features(
+        kw["pixel_values_videos"],
+        vision_feature_layer=kw.get("vision_feature_layer"),
+        vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
+        return_dict=True,
+    )
+    return list(out.pooler_output)
+
+
 def anyres_side(inner, rows: Tensor, image_sizes, patched: list[bool] | None = None, **pack) -> list[Tensor]:
     """Per-crop token side information -> per-image rows in the placeholder layout, by the model's own packing.
 

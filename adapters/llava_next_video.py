@@ -24,6 +24,7 @@ from .llava import (
     image_features,
     image_sizes_list,
     tokens_per_side,
+    video_features,
 )
 
 
@@ -63,13 +64,7 @@ class LlavaNextVideoAdapter(VLMAdapter):
         if kw.get("pixel_values") is not None:
             out["image"] = image_features(inner, kw, image_sizes=kw["image_sizes"])
         if kw.get("pixel_values_videos") is not None:
-            video = inner.get_video_features(
-                kw["pixel_values_videos"],
-                vision_feature_layer=kw.get("vision_feature_layer"),
-                vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
-                return_dict=True,
-            ).pooler_output
-            out["video"] = list(video)
+            out["video"] = video_features(inner, kw)
         return out
 
     def pack(self, modality: str, features: list[Tensor]):

@@ -23,6 +23,7 @@ from .llava import (
     image_features,
     image_sizes_list,
     tokens_per_side,
+    video_features,
 )
 
 
@@ -71,13 +72,7 @@ class LlavaOnevisionAdapter(VLMAdapter):
             extra = {"image_sizes": kw["image_sizes"], "batch_num_images": kw.get("batch_num_images")}
             out["image"] = image_features(inner, kw, **extra)
         if kw.get("pixel_values_videos") is not None:
-            video = inner.get_video_features(
-                kw["pixel_values_videos"],
-                vision_feature_layer=kw.get("vision_feature_layer"),
-                vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
-                return_dict=True,
-            ).pooler_output
-            out["video"] = list(video)
+            out["video"] = video_features(inner, kw)
         return out
 
     def pack(self, modality: str, features: list[Tensor]):

@@ -74,7 +74,7 @@ from tokreduce.methods.tome import ToMeReducer, parse_r
 from tokreduce.methods.visionzip import VisionZipReducer
 from tokreduce.selection import Selection
 
-from .base import Session, signature_kwargs
+from .base import ItemEdits, Session, signature_kwargs
 from .vit_common import BlockParts, InstanceForward, _Run, _tome_block, cast_bias, received_attention, tome_schedule
 
 LAYER_TYPES = ("CLIPEncoderLayer", "SiglipEncoderLayer")
@@ -540,11 +540,7 @@ def apply_spans(spans, features: dict, placed: dict, keep: Tensor, choose, state
     ``keep`` (B, N) is updated in place. Like ``base.reduce_features``, except that the values and the slots
     come from the chooser (a CLS token may take a slot that no patch keeps).
     """
-    outputs = {m: list(feats) for m, feats in features.items()}
-    item_keep = {
-        m: [torch.ones(f.shape[0], dtype=torch.bool, device=f.device) for f in feats] for m, feats in features.items()
-    }
-    changed = False
+    edits = ItemEdits(features)
     for span in spans:
         feats = features[span.modality][span.item]
         offsets = span.piece.offsets.to(feats.device)
@@ -562,20 +558,5 @@ def apply_spans(spans, features: dict, placed: dict, keep: Tensor, choose, state
         )  # fmt: skip
         if result.values is None:
             continue
-        changed = True
-        kept = offsets[result.slots.to(feats.device)]
-        mask = item_keep[span.modality][span.item]
-        mask[offsets] = False
-        mask[kept] = True
-        out = outputs[span.modality][span.item]
-        if out is feats:
-            out = outputs[span.modality][span.item] = feats.clone()
-        out[kept] = result.values.to(out.dtype)
-    if not changed:
-        return None
-    for modality, items in placed.items():
-        for i, (sample, positions) in enumerate(items):
-            mask = item_keep[modality][i]
-            keep[sample, positions[~mask.to(positions.device)]] = False
-            outputs[modality][i] = outputs[modality][i][mask]
-    return outputs
+        edits.write(span, offsets, result.slots.to(feats.device), result.values)
+    return edits.finish(placed, keep)
