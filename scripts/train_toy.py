@@ -7,8 +7,14 @@ scripts/make_toy_data.py. Tricks that make such a small model learn in under an 
 - objects sit in the cells of a 6x6 grid that match the 16 px patches, so one object = one token;
 - an auxiliary linear head on the vision features the projector reads predicts each patch cell's
   colour + shape + quadrant (or "empty"); it is dropped after training;
-- several questions per image in one multi-turn sequence; loss only on the answer tokens;
-- a HF-style model with the LM re-initialised at std 0.1 (see build_model);
+- WordAlignment: each object's projected token is scored against the LM embeddings of its colour,
+  shape and quadrant words, so question words and image tokens live in one space;
+- the chat template puts the question before the image, and NamedObjectProbe (a linear probe on the
+  LM hidden state after two layers, dropped after training) teaches every image token to flag
+  whether it shows the object the question names. Without the last two the model read the colour of
+  *an* object but not of the named one (2 objects: 50 %) after 2,000 steps; with them "where" and
+  "is there" questions passed 78 % / 86 % within 500 steps;
+- a HF-style model with the LM re-initialised at std 0.1 (see build_model) and RoPE base 1e6;
 - an adaptive curriculum (STAGES): one object and position questions only at first, then one more
   question category, then one more object per stage, advancing when the training accuracy passes
   85 %, with a floor that reaches the full task by 70 % of the run. Mixing all categories from the
@@ -20,7 +26,9 @@ with a chat template, image and video processors), so `AutoModelForImageTextToTe
 
 Usage:
     python scripts/train_toy.py --steps 20 --out outputs/toy_smoke          # pipeline check
-    python scripts/train_toy.py --minutes 60 --out tokreduce/toy/checkpoint  # the shipped checkpoint
+    # the shipped checkpoint (2 CPU threads):
+    python scripts/train_toy.py --minutes 45 --threads 2 --image-batch 48 --video-batch 12 --eval-every 200 \
+        --out tokreduce/toy/checkpoint
 """
 
 from __future__ import annotations
@@ -48,10 +56,11 @@ CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{- ' ' + message['role'] + ' :' -}}"
     "{%- if message['content'] is string -%}{{- ' ' + message['content'] -}}"
-    "{%- else -%}{%- for c in message['content'] -%}"
+    "{%- else -%}"
+    "{%- for c in message['content'] -%}{%- if c['type'] == 'text' -%}{{- ' ' + c['text'] -}}{%- endif -%}{%- endfor -%}"
+    "{%- for c in message['content'] -%}"
     "{%- if c['type'] == 'image' -%}{{- ' <image>' -}}"
-    "{%- elif c['type'] == 'video' -%}{{- ' <video>' -}}"
-    "{%- elif c['type'] == 'text' -%}{{- ' ' + c['text'] -}}{%- endif -%}"
+    "{%- elif c['type'] == 'video' -%}{{- ' <video>' -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- if message['role'] == 'assistant' -%}{{- ' <eos>' -}}{%- endif -%}"
     "{%- endfor -%}"
@@ -106,7 +115,9 @@ def build_processor():
     )
 
 
-def build_model(tokenizer, seed: int):
+def build_model(
+    tokenizer, seed: int, lm_width: int = 128, lm_layers: int = 4, init_std: float = 0.1, rope_theta: float = 1e6
+):
     """A ~2M-parameter LlavaOnevisionForConditionalGeneration from a config (random init)."""
     from transformers import (
         LlavaOnevisionConfig,
@@ -126,12 +137,13 @@ def build_model(tokenizer, seed: int):
     )
     text = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        hidden_size=lm_width,
+        intermediate_size=4 * lm_width,
+        num_hidden_layers=lm_layers,
+        num_attention_heads=lm_width // 32,
+        num_key_value_heads=lm_width // 32,
         max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -154,7 +166,7 @@ def build_model(tokenizer, seed: int):
     # memorising 4 fixed images took ~80 steps at 0.02 and ~40 at 0.1 (about 1/sqrt(hidden_size)).
     for module in model.model.language_model.modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-            torch.nn.init.normal_(module.weight, std=0.1)
+            torch.nn.init.normal_(module.weight, std=init_std)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
@@ -231,22 +243,113 @@ def collate(processor, kind: str, samples: list) -> tuple[dict, torch.Tensor, to
 
 
 class VisionCapture:
-    """Forward hook keeping the vision-tower hidden state the projector reads (before post-layernorm)."""
+    """Forward hooks keeping the vision-tower hidden state the projector reads and the projector output."""
 
     def __init__(self, model):
-        self.features = None
-        self.handle = model.model.vision_tower.register_forward_hook(self.hook)
+        self.features = self.projected = None
+        self.handles = [
+            model.model.vision_tower.register_forward_hook(self.tower_hook),
+            model.model.multi_modal_projector.register_forward_hook(self.projector_hook),
+        ]
 
-    def hook(self, module, args, output):
+    def tower_hook(self, module, args, output):
         self.features = output.hidden_states[-1]  # (N_views, 36, C)
 
+    def projector_hook(self, module, args, output):
+        self.projected = output  # (N_views, 36, H): per-frame, before video pooling
 
-def step_loss(model, aux_head, capture, batch, aux_weight: float):
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+class WordAlignment:
+    """Auxiliary loss that ties each object's projected token to the LM embeddings of its words.
+
+    A projected vision token holding a red circle in the top-left quadrant is scored against the
+    input embeddings of {red, green, blue, yellow}, {circle, ...}, {top, bottom} and {left, right};
+    cross-entropy on each group. The LM then finds "the circle" by plain dot-product attention between
+    the question word and the image token, which a 128-wide LM otherwise takes thousands of steps to
+    discover (colour/shape questions stayed at chance for 2,000 steps without it).
+    """
+
+    def __init__(self, tokenizer):
+        groups = [list(D.COLOURS), D.SHAPES, ["top", "bottom"], ["left", "right"]]
+        self.groups = [torch.tensor(tokenizer.convert_tokens_to_ids(g)) for g in groups]
+
+    def loss(self, model, projected: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        """projected (N, 36, H), aux cell labels (N, 36) as in make_toy_data.cell_labels."""
+        has_obj = aux > 0
+        feats, a = projected[has_obj], aux[has_obj] - 1
+        quad, cs = a % 4, a // 4
+        targets = [cs // len(D.SHAPES), cs % len(D.SHAPES), quad // 2, quad % 2]
+        emb = model.get_input_embeddings().weight
+        return sum(F.cross_entropy(feats @ emb[ids].T, t) for ids, t in zip(self.groups, targets, strict=True))
+
+
+def named_cells(question: str, labels: np.ndarray) -> np.ndarray:
+    """Grid cells holding an object the question names (by colour and/or shape), shape (36,) bool."""
+    singular = {p: s for s, p in D.PLURAL.items()}
+    words = question.split()
+    colour = next((w for w in words if w in D.COLOURS), None)
+    shape = next((singular.get(w, w) for w in words if w in D.SHAPES or w in singular), None)
+    cs = (labels - 1) // 4
+    match = labels > 0
+    if colour is not None:
+        match &= cs // len(D.SHAPES) == list(D.COLOURS).index(colour)
+    if shape is not None:
+        match &= cs % len(D.SHAPES) == D.SHAPES.index(shape)
+    return match
+
+
+def image_token_targets(batch) -> torch.Tensor:
+    """Per image token of the LM sequence: 1 if it shows an object the (first) question names, else 0;
+    -1 on the crop's newline tokens. Shape (B, 78), in the LLaVA-OneVision order: 36 base-view
+    tokens, then 6 crop rows of 6 tokens + 1 newline."""
+    _, aux, _, qas = batch
+    rows = []
+    for labels, q in zip(aux[::2].numpy(), qas, strict=True):  # aux repeats each image for its 2 views
+        named = torch.from_numpy(named_cells(q[0]["question"], labels)).float()
+        crop = torch.cat([named.view(D.GRID, D.GRID), torch.full((D.GRID, 1), -1.0)], dim=1).flatten()
+        rows.append(torch.cat([named, crop]))
+    return torch.stack(rows)
+
+
+class NamedObjectProbe(torch.nn.Module):
+    """Auxiliary loss inside the LM: a linear probe on the hidden state after `layer` decoder layers at
+    each image token predicts whether that token shows an object the question names.
+
+    The chat template puts the question before the image, so image tokens can see it; this loss
+    teaches them to flag themselves, and the answer position then only has to read the flagged tokens.
+    Without it the model never learnt to tell the named object from the others (2 objects: 50 %).
+    """
+
+    def __init__(self, hidden_size: int, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.head = torch.nn.Linear(hidden_size, 1)
+
+    def loss(self, out, batch, image_token_id: int) -> torch.Tensor:
+        inputs = batch[0]
+        targets = image_token_targets(batch)
+        hidden = out.hidden_states[self.layer][inputs["input_ids"] == image_token_id].view(*targets.shape, -1)
+        logits = self.head(hidden).squeeze(-1)
+        keep = targets >= 0
+        return F.binary_cross_entropy_with_logits(logits[keep], targets[keep])
+
+
+def step_loss(model, aux_head, capture, align, probe, batch, a):
+    """Answer loss + per-patch aux loss + word alignment (+ named-object probe on images)."""
     inputs, aux, is_answer, _ = batch
-    out = model(**inputs)
-    feats = capture.features
-    aux_loss = F.cross_entropy(aux_head(feats).flatten(0, 1), aux.flatten())
-    return out.loss + aux_weight * aux_loss, out.loss.item(), aux_loss.item(), out.logits
+    is_image = "pixel_values" in inputs
+    out = model(**inputs, output_hidden_states=is_image and a.probe_weight > 0)
+    aux_loss = F.cross_entropy(aux_head(capture.features).flatten(0, 1), aux.flatten())
+    word_loss = align.loss(model, capture.projected, aux) if a.word_weight else torch.zeros(())
+    probe_loss = torch.zeros(())
+    if is_image and a.probe_weight > 0:
+        probe_loss = probe.loss(out, batch, model.config.image_token_id)
+    loss = out.loss + a.aux_weight * aux_loss + a.word_weight * word_loss + a.probe_weight * probe_loss
+    return loss, out.loss.item(), aux_loss.item() + word_loss.item() + probe_loss.item(), out.logits
 
 
 @torch.no_grad()
@@ -288,9 +391,17 @@ def main() -> None:
     p.add_argument("--image-batch", type=int, default=32)
     p.add_argument("--video-batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--questions", type=int, default=1, help="questions per image (later ones follow the image)")
     p.add_argument("--aux-weight", type=float, default=1.0)
+    p.add_argument("--probe-weight", type=float, default=1.0, help="weight of the NamedObjectProbe loss")
+    p.add_argument("--probe-layer", type=int, default=2, help="decoder layers before the probe reads")
+    p.add_argument("--word-weight", type=float, default=1.0, help="weight of the WordAlignment loss")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lm-width", type=int, default=128, help="hidden size of the language model (heads of 32)")
+    p.add_argument("--lm-layers", type=int, default=4)
+    p.add_argument("--rope-theta", type=float, default=1e6, help="RoPE base of the language model (Qwen2's is 1e6)")
+    p.add_argument("--init-std", type=float, default=0.1, help="std of the language model's initial weights")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--init-from", type=Path, default=None, help="continue from a saved checkpoint directory")
     p.add_argument("--start-stage", type=int, default=0, help=f"first curriculum stage (0-{len(STAGES) - 1})")
@@ -309,11 +420,13 @@ def main() -> None:
         model = AutoModelForImageTextToText.from_pretrained(a.init_from).train()
     else:
         processor = build_processor()
-        model = build_model(processor.tokenizer, a.seed).train()
+        model = build_model(processor.tokenizer, a.seed, a.lm_width, a.lm_layers, a.init_std, a.rope_theta).train()
     c = model.config.vision_config.hidden_size
     aux_head = torch.nn.Linear(c, D.NUM_AUX_CLASSES)
     capture = VisionCapture(model)
-    params = list(model.parameters()) + list(aux_head.parameters())
+    align = WordAlignment(processor.tokenizer)
+    probe = NamedObjectProbe(model.config.text_config.hidden_size, a.probe_layer)
+    params = list(model.parameters()) + list(aux_head.parameters()) + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {model.config.model_type}, {n_params / 1e6:.2f}M parameters, vocab {len(processor.tokenizer)}")
@@ -330,10 +443,10 @@ def main() -> None:
     if total is None:
         t0 = time.perf_counter()
         for _ in range(3):
-            b = collate(processor, "image", [sample_image(rng, 7, 4) for _ in range(a.image_batch)])
+            b = collate(processor, "image", [sample_image(rng, 7, a.questions) for _ in range(a.image_batch)])
             v = collate(processor, "video", [sample_video(rng) for _ in range(a.video_batch)])
-            (step_loss(model, aux_head, capture, b, a.aux_weight)[0] * 0).backward()
-            (step_loss(model, aux_head, capture, v, a.aux_weight)[0] * 0).backward()
+            (step_loss(model, aux_head, capture, align, probe, b, a)[0] * 0).backward()
+            (step_loss(model, aux_head, capture, align, probe, v, a)[0] * 0).backward()
         opt.zero_grad(set_to_none=True)
         per_step = (time.perf_counter() - t0) / 3
         total = max(10, int(a.minutes * 60 / (per_step * 1.08)))  # 8 % margin for evaluation
@@ -358,24 +471,30 @@ def main() -> None:
         categories, max_objects = STAGES[stage]
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        ib = collate(processor, "image", [sample_image(rng, max_objects, 4, categories) for _ in range(a.image_batch)])
+        ib = collate(
+            processor, "image", [sample_image(rng, max_objects, a.questions, categories) for _ in range(a.image_batch)]
+        )
         distractors = min(2, max(0, max_objects - 1))
         vb = collate(processor, "video", [sample_video(rng, distractors) for _ in range(a.video_batch)])
-        loss_i, lm_i, aux_i, logits_i = step_loss(model, aux_head, capture, ib, a.aux_weight)
-        loss_v, lm_v, aux_v, _ = step_loss(model, aux_head, capture, vb, a.aux_weight)
+        loss_i, lm_i, aux_i, logits_i = step_loss(model, aux_head, capture, align, probe, ib, a)
+        loss_v, lm_v, aux_v, _ = step_loss(model, aux_head, capture, align, probe, vb, a)
         ema = 0.9 * ema + 0.1 * train_accuracy(logits_i, ib)
         opt.zero_grad(set_to_none=True)
         (loss_i + loss_v).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        bar.set_postfix(lm_img=f"{lm_i:.3f}", lm_vid=f"{lm_v:.3f}", aux=f"{(aux_i + aux_v) / 2:.3f}", acc=f"{ema:.2f}", stage=stage)
+        bar.set_postfix(
+            lm_img=f"{lm_i:.3f}", lm_vid=f"{lm_v:.3f}", aux=f"{(aux_i + aux_v) / 2:.3f}", acc=f"{ema:.2f}", stage=stage
+        )
         if (step + 1) % a.eval_every == 0 or step + 1 == total:
             acc = heldout_accuracy(model, processor, val)
             mins = (time.perf_counter() - start) / 60
-            tqdm.write(f"step {step + 1} ({mins:.1f} min) held-out: " + " ".join(f"{k}={v:.2f}" for k, v in acc.items()))
+            tqdm.write(
+                f"step {step + 1} ({mins:.1f} min) held-out: " + " ".join(f"{k}={v:.2f}" for k, v in acc.items())
+            )
             save(model, processor, a.out)  # keep the latest weights even if the run is stopped
 
-    capture.handle.remove()
+    capture.remove()
     save(model, processor, a.out)
     print(f"trained {total} steps in {(time.perf_counter() - start) / 60:.1f} min; saved to {a.out}")
 

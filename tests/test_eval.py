@@ -310,7 +310,15 @@ def test_end_to_end_metrics_match_a_hand_count_and_rerun_skips(tmp_path):
     assert rand["select_ms"] > 0 and base["select_ms"] == 0
     for name in ("config.yaml", "metrics.json", "summary.md", "accuracy_vs_keep.png", "accuracy_vs_flops.png"):
         assert (run_dir / name).stat().st_size > 0, name
-    assert "| random | 0.5 | 4 |" in (run_dir / "summary.md").read_text()
+    summary = (run_dir / "summary.md").read_text()
+    assert "| random | 0.5 | 4 |" in summary
+    for row in metrics["settings"]:  # per-category accuracy, hand-counted from the records
+        mine = [r for r in rows if r["setting"] == row["setting"]]
+        cells = []
+        for cat in sorted({r["category"] for r in rows}):
+            correct, scored = _hand_count([r for r in mine if r["category"] == cat])
+            cells.append(f"{correct / scored:.3f}")
+        assert f"| {row['method']} | {row['keep']} | " + " | ".join(cells) + " |" in summary
 
     before = (run_dir / rec.MAIN).read_text()
     again = run_eval(config)  # resumes: everything is finished, nothing runs again

@@ -51,6 +51,21 @@ def markdown_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def category_table(metrics: dict) -> str:
+    """Accuracy per question category, one row per setting ("" when no category was recorded)."""
+    categories = sorted({c for row in metrics["settings"] for c in row.get("by_category", {})})
+    if not categories or categories == [""]:
+        return ""
+    lines = ["| method | keep | " + " | ".join(categories) + " |", "|" + "---|" * (len(categories) + 2)]
+    for row in metrics["settings"]:
+        cells = []
+        for c in categories:
+            stats = row.get("by_category", {}).get(c)
+            cells.append("–" if stats is None else f"{stats['accuracy']:.3f}")
+        lines.append(f"| {row['method']} | {row['keep']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_reports(metrics: dict, run_dir: Path, plots: bool = True) -> None:
     """metrics.json, summary.md and (if matplotlib is installed) accuracy_vs_keep.png, accuracy_vs_flops.png."""
     _atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
@@ -64,6 +79,9 @@ def write_reports(metrics: dict, run_dir: Path, plots: bool = True) -> None:
         markdown_table(metrics),
         "",
     ]
+    per_category = category_table(metrics)
+    if per_category:
+        summary += ["Accuracy per category:", "", per_category, ""]
     if plots:
         written = write_plots(metrics, run_dir)
         summary += [f"![{p.stem}]({p.name})" for p in written] + [""]
