@@ -11,8 +11,10 @@ Token layout (model_type ``llava_onevision``, SigLIP 96 px, patch 16 -> 6x6 patc
 - image: 78 visual tokens = 36 (base view, 6x6) + 42 (the one anyres crop, 6 rows x (6 + 1 newline)).
 - video: 8 frames x 9 tokens (6x6 pooled 2x2 -> 3x3) + 1 newline = 73 visual tokens.
 
-Prompt format (the processor's chat template): ``" user : <image> where is the red circle ? A top left
-B top right C bottom left D bottom right assistant :"``; the model answers with one letter and ``<eos>``.
+Prompt format (the processor's chat template puts a message's text before its image or video):
+``" user : where is the red circle ? A top left B top right C bottom left D bottom right <image> assistant :"``;
+the model answers with one letter and ``<eos>``. With the question first, every visual token can see
+what is asked, which is what lets a model this small tell the named object from the others.
 The checkpoint is trained by ``scripts/train_toy.py`` on data from ``scripts/make_toy_data.py``;
 ``scripts/eval_toy.py`` prints its accuracy per category on the shipped test split.
 """
