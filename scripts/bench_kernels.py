@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokreduce.kernels import triton_available
 
 from tokreduce import similarity
+from tokreduce.kernels import triton_available
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GPU_TOKENS = [576, 1568, 2304, 3136, 6272]  # 1 image, 8x196, 4x576, 16x196, 32x196

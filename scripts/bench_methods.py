@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -80,7 +81,7 @@ def main() -> None:
             for name in list_reducers():
                 reducer = get_reducer(name, keep=args.keep)
                 repeats = args.repeats if n <= 2304 else 1
-                seconds = median_time(lambda: reducer.reduce(x, ctx), repeats)
+                seconds = median_time(partial(reducer.reduce, x, ctx), repeats)
                 print(f"| {name} | {n} | {c} | {reducer.num_kept(n, GRIDS[n])} | {seconds * 1e3:.1f} |", flush=True)
 
     print("\nDivPrune: ours (running minimum) vs the reference O(k^2 N) loop, C = 3584\n")
@@ -90,10 +91,10 @@ def main() -> None:
         k = max(1, round(args.keep * n))
         x = torch.randn(n, 3584)
         repeats = args.repeats if n <= 2304 else 1
-        matrix = median_time(lambda: 1 - cosine_matrix(x[None], x[None])[0], repeats)
+        matrix = median_time(partial(cosine_matrix, x[None], x[None]), repeats)
         dist = 1 - cosine_matrix(x[None], x[None])[0]
-        ours = median_time(lambda: divprune_ours_greedy(dist, k), repeats)
-        ref = median_time(lambda: divprune_reference_greedy(dist, k), repeats)
+        ours = median_time(partial(divprune_ours_greedy, dist, k), repeats)
+        ref = median_time(partial(divprune_reference_greedy, dist, k), repeats)
         same = divprune_ours_greedy(dist, k).sort().values.tolist() == divprune_reference_greedy(dist, k).sort().values.tolist()
         print(
             f"| {n} | {k} | {matrix * 1e3:.1f} | {ours * 1e3:.1f} | {ref * 1e3:.1f} | {ref / ours:.1f}x | "

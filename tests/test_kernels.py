@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tokreduce.kernels import triton_available
-from tokreduce.kernels.utils import interpreting
 
 from tokreduce import similarity
 from tokreduce.functional import divprune
+from tokreduce.kernels import triton_available
+from tokreduce.kernels.utils import interpreting
 
 pytestmark = pytest.mark.kernels
 

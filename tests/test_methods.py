@@ -4,8 +4,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from method_cases import full_context, row
+
 from tokreduce import get_reducer, list_reducers
 
 METHODS = list_reducers()

@@ -101,7 +101,7 @@ class ViTShape:
     @staticmethod
     def from_config(config) -> ViTShape:
         config = getattr(config, "vision_config", None) or config
-        hidden = getattr(config, "hidden_size", None) or getattr(config, "embed_dim")
+        hidden = getattr(config, "hidden_size", None) or config.embed_dim
         intermediate = getattr(config, "intermediate_size", None) or int(hidden * getattr(config, "mlp_ratio", 4))
         return ViTShape(hidden=hidden, layers=getattr(config, "num_hidden_layers", None) or config.depth, intermediate=intermediate)
 
