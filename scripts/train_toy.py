@@ -27,7 +27,10 @@ with a chat template, image and video processors), so `AutoModelForImageTextToTe
 Usage:
     python scripts/train_toy.py --steps 20 --out outputs/toy_smoke          # pipeline check
     # The shipped checkpoint, in two phases (2 CPU threads, about 19 + 50 minutes). Phase 1 ran with a
-    # 4224-step schedule and was stopped at its step-1800 save; phase 2 continues on 3-7 objects:
+    # 4224-step schedule and was stopped at its step-1800 save; phase 2 continues on 3-7 objects.
+    # A run is bit-for-bit repeatable on one machine; the shipped phase 1 was started with --minutes by
+    # an earlier revision whose step timing drew 3 batches from the training stream, so these commands
+    # give an equivalent checkpoint, not the identical one.
     python scripts/train_toy.py --steps 4224 --stop-after 1800 --threads 2 --eval-every 200 \
         --image-batch 48 --video-batch 12 --out outputs/toy_phase1
     python scripts/train_toy.py --init-from outputs/toy_phase1 --start-stage 6 --lr 1e-3 --steps 4733 \
@@ -448,9 +451,10 @@ def main() -> None:
     total = a.steps
     if total is None:
         t0 = time.perf_counter()
+        timing_rng = random.Random("timing")  # its own stream: --minutes and --steps then train on the same data
         for _ in range(3):
-            b = collate(processor, "image", [sample_image(rng, 7, a.questions) for _ in range(a.image_batch)])
-            v = collate(processor, "video", [sample_video(rng) for _ in range(a.video_batch)])
+            b = collate(processor, "image", [sample_image(timing_rng, 7, a.questions) for _ in range(a.image_batch)])
+            v = collate(processor, "video", [sample_video(timing_rng) for _ in range(a.video_batch)])
             (step_loss(model, aux_head, capture, align, probe, b, a)[0] * 0).backward()
             (step_loss(model, aux_head, capture, align, probe, v, a)[0] * 0).backward()
         opt.zero_grad(set_to_none=True)
