@@ -536,7 +536,8 @@ class Session:
 
     def decode_active(self) -> bool:
         r = self.reducer
-        return r.name == "dycoke" and r.prune_ratio > 0 and not (r.keep == 1.0 and r.merging_ratio is None)
+        keeps_all = isinstance(r.keep, float) and r.keep == 1.0  # the int 1 is a count: one token
+        return r.name == "dycoke" and r.prune_ratio > 0 and not (keeps_all and r.merging_ratio is None)
 
     def reduces_before_llm(self) -> bool:
         return self.stage in ("pre_llm", "vision")

@@ -149,7 +149,8 @@ def _attach_tome(encoder: Encoder, reducer: ToMeReducer, state: ReductionState, 
     num_layers = len(encoder.blocks)
     # Checked at wrap time rather than at the first forward: a wrong-length r list, or both budgets set.
     schedule = parse_r(reducer.r, num_layers)
-    if reducer.keep != 1.0 and any(r > 0 for r in schedule):
+    keep_is_set = not (isinstance(reducer.keep, float) and reducer.keep == 1.0)  # the int 1 is a count
+    if keep_is_set and any(r > 0 for r in schedule):
         raise ValueError(
             f"tome on a ViT: set r (tokens merged per block) or keep (patch tokens left at the end), not both; "
             f"got r={reducer.r!r}, keep={reducer.keep!r}"

@@ -89,3 +89,15 @@ def test_static_cache_is_refused_for_decode_pruning(llava):
     with torch.no_grad(), tokreduce.DyCoke(keep=0.5, prune_layer=L)(llava):
         with pytest.raises(ValueError, match="static"):
             llava.generate(**llava_inputs((1,)), max_new_tokens=2, do_sample=False, cache_implementation="static")
+
+
+def test_keep_float_one_is_identity_but_int_one_is_a_count(llava):
+    inputs = single(llava_inputs((2,), seed=13), 0, [2])
+    with torch.no_grad():
+        plain = llava.generate(**inputs, max_new_tokens=3, do_sample=False)
+        with tokreduce.DyCoke(keep=1.0, prune_layer=L, prune_ratio=P)(llava) as state:
+            same = llava.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert torch.equal(same, plain) and "decode" not in state.extra
+        with tokreduce.DyCoke(keep=1, prune_layer=L, prune_ratio=P)(llava) as state:
+            llava.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert state.extra["decode"]["visual"] == [32]

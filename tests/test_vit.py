@@ -180,6 +180,8 @@ def test_tome_keep_and_stage_knobs(models):
         assert torch.equal(vision, default)
     with pytest.raises(ValueError, match="not both"), tokreduce.ToMe(r=3, keep=0.5)(model):
         pass
+    with pytest.raises(ValueError, match="not both"), tokreduce.ToMe(r=3, keep=1)(model):  # int 1 = one token
+        pass
     with pytest.raises(ValueError, match="one entry per layer"), tokreduce.ToMe(r=[1, 2])(model):
         pass
 
