@@ -505,7 +505,7 @@ class VisionSession(Session):
         dominant, contextual = self.reducer.split(n)
         if dominant + contextual >= n:
             return SpanResult(torch.arange(n), None, torch.arange(n))
-        cls = self.tower.prefix if getattr(self.reducer, "keep_cls", True) else 0  # CLS tokens among the candidates
+        cls = self.tower.prefix if self.reducer.keep_cls else 0  # CLS tokens among the candidates
         first = self.tower.prefix - cls
         hidden, scores, metric = (t[row : row + 1, first:] for t in (record.hidden, record.scores, record.metric))
         pinned = dataclasses.replace(self.reducer, keep=1.0, dominant=dominant, contextual=contextual)

@@ -142,6 +142,25 @@ def test_visionzip_llava_matches_hand_built_reference(models):
         assert (s.assign >= 0).all() and torch.equal(s.assign[s.index], torch.arange(len(s.index)))
 
 
+def test_visionzip_llava_keep_cls_false_keeps_dominant_patches(models):
+    """keep_cls=False: the CLS token is not a candidate; the dominant patches are the top by CLS attention."""
+    model, eager = models("llava"), models("llava", attn="eager")
+    inputs = single(llava_inputs((2,), seed=3), 0, [2])
+    dominant, contextual = 5, 2
+    with torch.no_grad():
+        out = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+        cls_attention = out.attentions[1][:, :, 0, 1:].sum(1)  # (2, 16), the feature layer's CLS row
+        with tokreduce.VisionZip(dominant=dominant, contextual=contextual, keep_cls=False)(model) as state:
+            model(**inputs)
+    assert state.stats.tokens_out == [2 * (dominant + contextual)]
+    for j, s in enumerate(state.selections[0]):
+        assert len(s.index) == dominant + contextual
+        top = set(cls_attention[j].topk(dominant).indices.tolist())
+        assert top <= set(s.index.tolist())
+    with pytest.raises(ValueError, match="keep_cls"):
+        tokreduce.VisionZip(keep=0.5, keep_cls="no")
+
+
 # -- ToMe on llava ----------------------------------------------------------------------------------------
 def test_tome_counts_follow_the_schedule(models):
     model = models("llava")

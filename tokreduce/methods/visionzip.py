@@ -119,11 +119,15 @@ class VisionZipReducer(Reducer):
         contextual: contextual tokens (default None: from keep). LLaVA-1.5 paper settings: 10, 20, 30.
         layer: encoder block whose attention and keys choose the tokens, negative counts from the end
             (default None: the layer whose output the model uses; for a plain ViT the penultimate block).
+        keep_cls: in a CLIP tower with a CLS token (LLaVA-1.5), the CLS token is one of the dominant
+            tokens, as in the LLaVA reference (default True); False keeps ``dominant`` patches instead.
+            A plain ViT always keeps its CLS token (its head reads it).
     """
 
     dominant: int | None = None
     contextual: int | None = None
     layer: int | None = None
+    keep_cls: bool = True
     stage: ClassVar[str] = "vision"
 
     def __post_init__(self):
@@ -134,6 +138,8 @@ class VisionZipReducer(Reducer):
                 check_range(knob, value, 0, 1 << 20, integer=True)
         if self.layer is not None:
             check_range("layer", self.layer, -1024, 1024, integer=True)
+        if not isinstance(self.keep_cls, bool):
+            raise ValueError(f"keep_cls must be True or False, got {self.keep_cls!r}")
         if (self.dominant is None) != (self.contextual is None):
             raise ValueError("set both dominant and contextual, or neither (then keep decides)")
         if self.dominant is not None and self.dominant + self.contextual == 0:
