@@ -91,8 +91,9 @@ def test_keep_count_n_and_one(name):
 
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_input_is_a_clear_error(name, bad):
-    x = torch.randn(1, 16, 4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_input_is_a_clear_error(name, bad, dtype):
+    x = torch.randn(1, 16, 4, dtype=dtype)
     x[0, 3, 1] = bad
     with pytest.raises(ValueError, match="NaN or Inf"):
         get_reducer(name, keep=0.5).select(x, full_context(torch.randn(1, 16, 4), (1, 4, 4)))
