@@ -446,7 +446,7 @@ def reduce_features(
             record_span(state, span, selection, stage, int(span.positions[0]))
             if selection.is_identity:
                 continue
-            values = selection.merge(tokens)
+            values = reducer.apply(tokens, selection)  # VisionZip: target + mean of joiners, as in the paper
             edits.write(span, offsets, selection.index[0], values[0])
     return edits.finish(placed, keep)
 

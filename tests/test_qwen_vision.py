@@ -95,3 +95,37 @@ def test_visionzip_selects_merged_tokens_in_forward_and_generate(qwen_models, mo
     assert [g for g, _, _ in forward_sel] == [(1, 4, 4), (4, 2, 2)]
     assert all(stage == "vision" for _, stage, _ in forward_sel)
     assert state.stats.tokens_out == [8 + 8] and out.shape[1] == ref.shape[1] - 16
+
+
+def test_visionzip_contextual_tokens_are_target_plus_mean_of_joiners(qwen_models):
+    """The language model receives dominant tokens unchanged and, for each contextual target, the target's
+    merged token plus the mean of the tokens that joined it (VisionZip's aggregation, not a group mean)."""
+    from conftest import QWEN_IMAGE
+
+    model = qwen_models("qwen2_vl")
+    inputs = qwen_inputs("qwen2_vl", [[("image", (1, 8, 8))]], seed=4)
+    seen = {}
+
+    def spy(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"]
+
+    with torch.no_grad():
+        full = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        full = torch.cat(list(getattr(full, "pooler_output", full)))  # (16, C) merged tokens of the image
+        handle = model.model.language_model.register_forward_pre_hook(spy, with_kwargs=True)
+        try:
+            with tokreduce.VisionZip(dominant=3, contextual=2)(model) as state:
+                model(**inputs)
+        finally:
+            handle.remove()
+    sel = state.selections[0][0]
+    index, assign = sel.index.tolist(), sel.assign.tolist()
+    want = []
+    for slot, kept in enumerate(index):
+        joiners = [j for j, a in enumerate(assign) if a == slot and j != kept]
+        want.append(full[kept] + (full[joiners].mean(0) if joiners else 0))
+    embeds = seen["embeds"][0]
+    assert embeds.shape[0] == inputs["input_ids"].shape[1] - 16 + len(index)
+    start = (inputs["input_ids"][0] == QWEN_IMAGE).nonzero()[0].item()
+    torch.testing.assert_close(embeds[start : start + len(index)], torch.stack(want), atol=1e-5, rtol=1e-5)
+    assert any(len([a for a in assign if a == s]) > 1 for s in range(len(index)))  # something was merged

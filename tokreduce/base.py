@@ -101,7 +101,12 @@ class Reducer:
         selection = self.select(tokens, ctx)
         if selection.is_identity:
             return tokens, selection
-        return selection.merge(tokens, ctx.size if ctx is not None else None), selection
+        return self.apply(tokens, selection, ctx.size if ctx is not None else None), selection
+
+    def apply(self, tokens: Tensor, selection: Selection, size: Tensor | None = None) -> Tensor:
+        """The values a selection leaves: (B, N, C) -> (B, K, C). Default: kept tokens, merge groups averaged
+        (size-weighted); a method whose paper aggregates differently overrides this."""
+        return selection.merge(tokens, size)
 
     # -- model level --------------------------------------------------------------------------------------
     @contextmanager

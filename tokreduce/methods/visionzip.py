@@ -161,8 +161,6 @@ class VisionZipReducer(Reducer):
         dominant, contextual = self.split(tokens.shape[1])
         return visionzip_select(attention, metric, dominant, contextual, ctx.protected)
 
-    def reduce(self, tokens: Tensor, ctx: TokenContext | None = None) -> tuple[Tensor, Selection]:
-        selection = self.select(tokens, ctx)
-        if selection.is_identity:
-            return tokens, selection
-        return _contextual_values(tokens, selection), selection
+    def apply(self, tokens: Tensor, selection: Selection, size: Tensor | None = None) -> Tensor:
+        """Dominant tokens as they are; each contextual token = its target + the mean of its joiners."""
+        return _contextual_values(tokens, selection)
