@@ -73,6 +73,13 @@ def aux_label(obj: Obj) -> int:
     return 1 + cs * 4 + quadrant(obj.row, obj.col)
 
 
+def decode_labels(labels):
+    """Inverse of `aux_label` for labels > 0 (numpy or torch, any shape): (colour, shape, quadrant) indices."""
+    a = labels - 1
+    cs = a // 4
+    return cs // len(SHAPES), cs % len(SHAPES), a % 4
+
+
 def cell_labels(objs: list[Obj]) -> np.ndarray:
     """Per-cell auxiliary labels, shape (GRID * GRID,) int64 in row-major order (the patch order)."""
     labels = np.zeros(GRID * GRID, dtype=np.int64)

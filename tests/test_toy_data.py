@@ -79,9 +79,11 @@ def test_cell_labels_round_trip():
     labels = D.cell_labels(objs)
     assert labels.shape == (D.GRID * D.GRID,) and (labels > 0).sum() == 2
     assert labels[5] == D.aux_label(objs[0]) and labels[4 * D.GRID + 1] == D.aux_label(objs[1])
-    assert len(
-        {D.aux_label(D.Obj(c, s, r, col)) for c in D.COLOURS for s in D.SHAPES for r in (0, 5) for col in (0, 5)}
-    ) == (D.NUM_AUX_CLASSES - 1)
+    everything = [D.Obj(c, s, r, col) for c in D.COLOURS for s in D.SHAPES for r in (0, 5) for col in (0, 5)]
+    assert len({D.aux_label(o) for o in everything}) == D.NUM_AUX_CLASSES - 1
+    for o in everything:
+        colour, shape, quad = D.decode_labels(D.aux_label(o))
+        assert (list(D.COLOURS)[colour], D.SHAPES[shape], quad) == (o.colour, o.shape, D.quadrant(o.row, o.col))
 
 
 def test_named_cells_and_token_targets_match_the_layout():
