@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from tokreduce.context import ReductionState, SpanSelection, Timer, TokenContext
+from tokreduce.selection import keeps_all
 
 MODALITIES = ("image", "video")
 
@@ -536,8 +537,7 @@ class Session:
 
     def decode_active(self) -> bool:
         r = self.reducer
-        keeps_all = isinstance(r.keep, float) and r.keep == 1.0  # the int 1 is a count: one token
-        return r.name == "dycoke" and r.prune_ratio > 0 and not (keeps_all and r.merging_ratio is None)
+        return r.name == "dycoke" and r.prune_ratio > 0 and not (keeps_all(r.keep) and r.merging_ratio is None)
 
     def reduces_before_llm(self) -> bool:
         return self.stage in ("pre_llm", "vision")
@@ -606,12 +606,17 @@ class Session:
         Returns the reduced per-item features, or None when nothing changed; ``keep`` (B, N) is updated in place.
         Vision-stage sessions (vision.py) override this to reduce with what their encoder hooks recorded.
         """
-        if features is None:
-            features = self.adapter.encode(self.inner, kw)
-        self.check_lengths(features, layouts)
+        features = self.encoded(kw, features, layouts)
         return reduce_features(
             self.reducer, run.spans, features, placed, self.state, keep, self.stage, **self.reduce_options(features)
         )
+
+    def encoded(self, kw: dict, features: dict | None, layouts: dict) -> dict[str, list[Tensor]]:
+        """The call's per-item features (encoded here unless generate passed them), checked against the layouts."""
+        if features is None:
+            features = self.adapter.encode(self.inner, kw)
+        self.check_lengths(features, layouts)
+        return features
 
     def check_lengths(self, features: dict[str, list[Tensor]], layouts: dict) -> None:
         for modality, items in layouts.items():

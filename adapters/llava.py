@@ -153,6 +153,12 @@ def anyres_side(inner, rows: Tensor, image_sizes, patched: list[bool] | None = N
     return list(packed)
 
 
+def next_image_side(inner, call: dict, rows: Tensor) -> list[Tensor]:
+    """:func:`anyres_side` for LLaVA-NeXT images (its packing takes the call's feature-select strategy)."""
+    strategy = call.get("vision_feature_select_strategy") or inner.config.vision_feature_select_strategy
+    return anyres_side(inner, rows, call["image_sizes"], vision_feature_select_strategy=strategy)
+
+
 class LlavaAdapter(VLMAdapter):
     """LLaVA-1.5: a CLIP grid per image, projected by a 2-layer MLP into the language model."""
 
@@ -213,5 +219,4 @@ class LlavaNextAdapter(VLMAdapter):
 
     def vision_side(self, inner, modality: str, call: dict, rows: Tensor) -> list[Tensor]:
         """Per-crop (R, P, S) tower side information (VisionZip scores) -> per-image (L_i, S) rows."""
-        strategy = call.get("vision_feature_select_strategy") or inner.config.vision_feature_select_strategy
-        return anyres_side(inner, rows, call["image_sizes"], vision_feature_select_strategy=strategy)
+        return next_image_side(inner, call, rows)

@@ -19,10 +19,10 @@ from .base import ItemLayout, VLMAdapter, grid_piece
 from .llava import (
     anyres_layout,
     anyres_layout_from_feature,
-    anyres_side,
     check_anyres_strategy,
     image_features,
     image_sizes_list,
+    next_image_side,
     tokens_per_side,
     video_features,
 )
@@ -79,8 +79,7 @@ class LlavaNextVideoAdapter(VLMAdapter):
         ``spatial_pool_mode="max"`` / ``"conv"`` the scores are still averaged).
         """
         if modality == "image":
-            strategy = call.get("vision_feature_select_strategy") or inner.config.vision_feature_select_strategy
-            return anyres_side(inner, rows, call["image_sizes"], vision_feature_select_strategy=strategy)
+            return next_image_side(inner, call, rows)
         # Adapted from transformers/models/llava_next_video/modeling_llava_next_video.py (v5.23): LlavaNextVideoPooler,
         # always averaging (the side information is not pooled by the model's max / conv pooling).
         videos = call["pixel_values_videos"].shape[0]

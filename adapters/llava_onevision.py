@@ -12,6 +12,7 @@ to the projected tokens (:meth:`LlavaOnevisionAdapter.vision_side`); ToMe inside
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .base import ItemLayout, VLMAdapter, grid_piece
@@ -77,8 +78,6 @@ class LlavaOnevisionAdapter(VLMAdapter):
 
     def pack(self, modality: str, features: list[Tensor]):
         if modality == "video":  # the forward flattens (videos, tokens) -> one row of all video tokens
-            import torch
-
             return torch.cat(features)[None]
         return features
 
@@ -88,8 +87,6 @@ class LlavaOnevisionAdapter(VLMAdapter):
         Images go through the model's own packing; video frames through its own 2x2 bilinear pooling (an
         average of each 2x2 window for even grids), followed by a zero row for the newline token.
         """
-        import torch
-
         if modality == "image":
             counts = call.get("batch_num_images")
             patched = None if counts is None else [int(n) == 1 for n in counts for _ in range(int(n))]

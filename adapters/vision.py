@@ -72,18 +72,13 @@ from torch import Tensor
 from tokreduce.context import ReductionState, SpanSelection, Timer, TokenContext
 from tokreduce.methods.tome import ToMeReducer, parse_r
 from tokreduce.methods.visionzip import VisionZipReducer
-from tokreduce.selection import Selection
+from tokreduce.selection import Selection, keeps_all
 
 from .base import ItemEdits, Session, signature_kwargs
 from .vit_common import BlockParts, InstanceForward, _Run, _tome_block, cast_bias, received_attention, tome_schedule
 
 LAYER_TYPES = ("CLIPEncoderLayer", "SiglipEncoderLayer")
 FEATURE_FUNCTIONS = {"image": "get_image_features", "video": "get_video_features"}
-
-
-def keeps_all(keep) -> bool:
-    """``keep`` is the fraction 1.0 (the int 1 is a count: one token)."""
-    return isinstance(keep, float) and keep == 1.0
 
 
 def vision_is_identity(reducer) -> bool:
@@ -463,9 +458,7 @@ class VisionSession(Session):
         return self.tome is None and super().all_identity(spans)
 
     def reduce_items(self, kw: dict, run, placed: dict, layouts: dict, features: dict | None, keep: Tensor):
-        if features is None:
-            features = self.adapter.encode(self.inner, kw)
-        self.check_lengths(features, layouts)
+        features = self.encoded(kw, features, layouts)
         missing = [m for m in features if m not in self.records]
         if missing:
             raise ValueError(

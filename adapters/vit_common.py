@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tokreduce.context import ReductionState, SpanSelection, Timer, TokenContext
 from tokreduce.methods.tome import ToMeReducer, bipartite_soft_matching, parse_r
 from tokreduce.methods.visionzip import VisionZipReducer
-from tokreduce.selection import Selection, budget
+from tokreduce.selection import Selection, budget, keeps_all
 
 # attention(x (B, N, C), bias (B, 1, 1, N) float32 or None) -> (residual branch (B, N, C), q, k (B, H, N, D));
 # the block's logits are scale * q @ k^T + bias.
@@ -149,8 +149,7 @@ def _attach_tome(encoder: Encoder, reducer: ToMeReducer, state: ReductionState, 
     num_layers = len(encoder.blocks)
     # Checked at wrap time rather than at the first forward: a wrong-length r list, or both budgets set.
     schedule = parse_r(reducer.r, num_layers)
-    keep_is_set = not (isinstance(reducer.keep, float) and reducer.keep == 1.0)  # the int 1 is a count
-    if keep_is_set and any(r > 0 for r in schedule):
+    if not keeps_all(reducer.keep) and any(r > 0 for r in schedule):
         raise ValueError(
             f"tome on a ViT: set r (tokens merged per block) or keep (patch tokens left at the end), not both; "
             f"got r={reducer.r!r}, keep={reducer.keep!r}"

@@ -23,6 +23,11 @@ def budget(n: int, keep: float | int) -> int:
     return min(n, max(1, round(keep * n)))
 
 
+def keeps_all(keep: float | int) -> bool:
+    """``keep`` is the fraction 1.0, the identity budget (the int 1 is a count: one token)."""
+    return isinstance(keep, float) and keep == 1.0
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which of N input tokens survive, and (for merges) where every input token went.
