@@ -33,6 +33,8 @@ from torch import Tensor
 from tokreduce.context import ReductionState, SpanSelection, Timer, TokenContext
 from tokreduce.selection import keeps_all
 
+from . import compat
+
 MODALITIES = ("image", "video")
 
 
@@ -203,6 +205,21 @@ class Track:
 
 
 @dataclass
+class Call:
+    """What the pre-hook made of one forward of the inner model, for the post-hook's checks.
+
+    Attributes:
+        prefill: True for a new prompt, False for a decode step that continues a cache.
+        visual_samples: rows whose input_ids hold visual placeholders (each must get a selection).
+        length: tokens handed to the language model (after any pre-LLM reduction), None without input_ids.
+    """
+
+    prefill: bool
+    visual_samples: list[int] = field(default_factory=list)
+    length: int | None = None
+
+
+@dataclass
 class Run:
     """Everything a decode step needs to know about the reduced prefill of the current prompt.
 
@@ -252,7 +269,7 @@ def check_cache(cache, reducer) -> None:
         raise ValueError(
             f"{reducer.name} (stage {reducer.stage!r}) cannot run with a static KV cache ({type(cache).__name__}): a static "
             "cache is indexed by the original sequence length and cannot hold layers of different lengths. Use the "
-            "default dynamic cache (drop cache_implementation='static' / pass no past_key_values)."
+            "default dynamic cache (drop cache_implementation='static' / pass no cache)."
         )
 
 
@@ -506,7 +523,7 @@ class VLMAdapter:
         session = Session(self, model, reducer, state)
         if stage == "vision":  # may return a session that reduces what its encoder hooks recorded (vision.py)
             session = attach_vision(self, model, reducer, state, session, hooks)
-        hooks.pre(inner, session.pre_hook)
+        session.watch(hooks)
         if stage == "llm":
             LayerPruning(session, self.language_model(model)).attach(hooks)
         if reducer.name == "dycoke" and session.decode_active():
@@ -526,6 +543,14 @@ class Session:
         self.stage = stage_of(reducer)
         self.run: Run | None = None
         self.vision_record = None  # filled by vision-stage hooks during encode
+        self.call: Call | None = None  # what the pre-hook made of the running forward, checked after it
+
+    def watch(self, hooks: Hooks) -> None:
+        """Hook the inner model's forward: :meth:`pre_hook` reduces, :meth:`post_hook` checks that it did."""
+        compat.check_version()
+        compat.check_model(self.inner, self.adapter.language_model(self.model).layers)
+        hooks.pre(self.inner, self.pre_hook)
+        hooks.post(self.inner, self.post_hook)
 
     # True for adapters that apply vision-stage reducers in the pre-LLM hook (Qwen-VL: VisionZip on merged
     # tokens scored by ViT hooks); otherwise vision-stage reducers act inside the encoder (vision.py).
@@ -544,10 +569,41 @@ class Session:
 
     def pre_hook(self, module, args, kwargs):
         kw = signature_kwargs(module.forward, args, kwargs)
-        cache = kw.get("past_key_values")
+        cache = compat.cache_of(kw)
         if is_decode_step(cache):
+            self.call = Call(prefill=False)
             return self.decode_step(kw, cache)
-        return self.prefill(kw, cache)
+        self.call = Call(prefill=True, visual_samples=self.visual_samples(kw.get("input_ids")))
+        out = self.prefill(kw, cache)
+        ids = (out[1] if out is not None else kw).get("input_ids")
+        self.call.length = None if ids is None else ids.shape[1]
+        return out
+
+    def visual_samples(self, ids: Tensor | None) -> list[int]:
+        """Rows of ``input_ids`` that hold visual placeholder tokens."""
+        if ids is None:
+            return []
+        placeholders = torch.tensor(list(self.adapter.token_ids(self.config).values()), device=ids.device)
+        return torch.isin(ids, placeholders).any(1).nonzero().flatten().tolist()
+
+    def post_hook(self, module, args, kwargs, output):
+        """Never a silent no-op: raise if a prefill with visual tokens recorded no selection, or was a decode step."""
+        call, self.call = self.call, None
+        if call is None or not call.prefill:
+            return None
+        missing = [b for b in call.visual_samples if b >= len(self.state.selections) or not self.state.selections[b]]
+        if missing:
+            raise compat.out_of_date(
+                f"samples {missing} hold visual tokens but no {self.reducer.name} selection was recorded for them"
+            )
+        cache = compat.output_cache(output)
+        seen = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        if call.length is not None and seen > call.length:
+            raise compat.out_of_date(
+                f"a call was taken for a new prompt of {call.length} tokens, but its KV cache holds {seen}: it was a "
+                "decode step whose cache the hooks did not see"
+            )
+        return None
 
     # -- prefill ------------------------------------------------------------------------------------------
     def prefill(self, kw: dict, cache):
@@ -648,11 +704,7 @@ class Session:
         for name in self.adapter.vision_inputs():
             if name in new:
                 new[name] = None
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        new["mm_encoder_outputs"] = {
-            m: BaseModelOutputWithPooling(pooler_output=self.adapter.pack(m, feats)) for m, feats in reduced.items()
-        }
+        new["mm_encoder_outputs"] = {m: compat.encoder_output(self.adapter.pack(m, feats)) for m, feats in reduced.items()}
         return (), new
 
     # -- decode -------------------------------------------------------------------------------------------

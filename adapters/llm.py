@@ -30,6 +30,7 @@ from tokreduce.context import Timer, TokenContext
 from tokreduce.methods.dycoke import dycoke_kv_select
 from tokreduce.similarity import attention_row
 
+from . import compat
 from .base import Track, compact_positions, gather_last, gather_seq, left_pad_index, record_span
 
 
@@ -89,16 +90,7 @@ def with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]
 
 def causal_mask(lm, hidden: Tensor, mask2d: Tensor, cache, positions: Tensor, layer_idx: int):
     """The model's own mask for layers whose cache is layer ``layer_idx``'s length."""
-    from transformers.masking_utils import create_causal_mask
-
-    return create_causal_mask(
-        config=lm.config,
-        inputs_embeds=hidden,
-        attention_mask=mask2d,
-        past_key_values=cache,
-        position_ids=positions,
-        layer_idx=layer_idx if cache is not None else None,
-    )
+    return compat.causal_mask(lm.config, hidden, mask2d, cache, positions, layer_idx if cache is not None else None)
 
 
 class LayerPruning:
@@ -139,7 +131,7 @@ class LayerPruning:
         cos, sin = kwargs["position_embeddings"]
         with torch.no_grad():
             query = query_states(module, hidden, cos, sin, self.queries)
-            keys = cached_keys(kwargs.get("past_key_values"), self.k - 1, run.length)
+            keys = cached_keys(compat.cache_of(kwargs), self.k - 1, run.length)
             if keys is None:  # no cache (or one we cannot read): one k projection, never a second layer run
                 keys = key_states(module, hidden, cos, sin)
             run.extra["attention"] = attention_row(query, keys, module.self_attn.scaling, run.base_mask.bool())
@@ -219,7 +211,7 @@ class LayerPruning:
             step_pos = None if layer_pos is None else gather_last(layer_pos.expand(b, n), index).masked_fill(~valid, 0)
             if step_pos is not None and self.reducer.positions != "original":
                 step_pos = compact_positions(step_pos, mask2d)
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_of(kwargs)
         run.deep = Track(mask=mask2d, shift=(positions[..., -1] + 1) - (new_pos[..., -1] + 1))
         layer_kwargs = {
             "attention_mask": causal_mask(self.lm, new_hidden, mask2d, cache, step_pos, self.k),
@@ -238,7 +230,7 @@ class LayerPruning:
         cos, sin = kwargs["position_embeddings"]
         if not bool((run.deep.shift == 0).all()):
             cos, sin = self.lm.rotary_emb(hidden, new_pos)
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_of(kwargs)
         step_pos = new_pos if "rope_positions" not in run.extra else kwargs.get("position_ids")
         layer_kwargs = {
             "attention_mask": causal_mask(self.lm, hidden, run.deep.mask, cache, step_pos, self.k),
@@ -284,7 +276,7 @@ class DecodePruning:
 
     def decoding(self, kwargs):
         run = self.session.run
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_of(kwargs)
         if run is None or run.extra.get("phase") != "decode" or cache is not run.cache or run.visual is None:
             return None
         return run
@@ -298,7 +290,7 @@ class DecodePruning:
         mask0 = run.extra["mask0"]
         with torch.no_grad():
             query = query_states(module, hidden, cos, sin, 1)
-            keys = cached_keys(kwargs["past_key_values"], self.layer - 1, mask0.shape[1])
+            keys = cached_keys(compat.cache_of(kwargs), self.layer - 1, mask0.shape[1])
             if keys is None:
                 raise ValueError("dycoke decode pruning needs a dynamic KV cache (plain DynamicCache layers)")
             row = attention_row(query, keys, module.self_attn.scaling, mask0.bool())  # (B, S)
@@ -322,7 +314,7 @@ class DecodePruning:
         if run is None or "dycoke" not in run.extra:
             return None
         memo = run.extra["dycoke"]
-        cache = kwargs["past_key_values"]
+        cache = compat.cache_of(kwargs)
         if memo.pop("changed", False):
             with Timer(self.session.state):
                 self.rebuild(run, memo, cache)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import compat
 from .qwen_vl import QwenVLAdapter
 
 
@@ -38,8 +39,9 @@ class Qwen3VLAdapter(QwenVLAdapter):
         width = self.select_width(inner)
         depth = len(inner.config.vision_config.deepstack_visual_indexes)
         parts = [f.split(width, dim=-1) for f in features]
-        return BaseModelOutputWithDeepstackFeatures(
-            pooler_output=[p[0] for p in parts],
+        return compat.encoder_output(
+            [p[0] for p in parts],
+            BaseModelOutputWithDeepstackFeatures,
             deepstack_features=[[p[level + 1] for p in parts] for level in range(depth)],
         )
 

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from tokreduce.context import Timer
 
+from . import compat
 from .base import Hooks, ItemLayout, Session, VLMAdapter, grid_piece, item_positions, stage_of
 
 GRID_KEYS = {"image": "image_grid_thw", "video": "video_grid_thw"}
@@ -138,9 +139,7 @@ class QwenVLAdapter(VLMAdapter):
 
     def encoder_output(self, inner, features: list[Tensor]):
         """The encoder output the model's forward takes as ``mm_encoder_outputs[modality]``."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        return BaseModelOutputWithPooling(pooler_output=features)
+        return compat.encoder_output(features)
 
     def select_width(self, inner) -> int | None:
         """Channels the reducers select on (None = all)."""
@@ -159,7 +158,7 @@ class QwenVLAdapter(VLMAdapter):
         stage = stage_of(reducer)
         session = QwenSession(self, model, reducer, state)
         hooks = Hooks(handles)
-        hooks.pre(session.inner, session.pre_hook)
+        session.watch(hooks)
         if stage == "vision":
             if reducer.name != "visionzip" and not session.all_identity_knobs():
                 raise ValueError(

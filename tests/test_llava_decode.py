@@ -6,6 +6,7 @@ from conftest import IMAGE_TOKEN, llava_inputs, single
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import tokreduce
+from tokreduce.adapters.compat import cache_kwargs, output_cache
 from tokreduce.functional import dycoke_kv_select
 
 L, P = 2, 0.5
@@ -17,7 +18,7 @@ def masked_reference(model, inputs, steps, threshold):
     lm = model.model.language_model
     ids = inputs["input_ids"]
     out = model(**inputs, use_cache=True)
-    cache, logits = out.past_key_values, [out.logits[:, -1]]
+    cache, logits = output_cache(out), [out.logits[:, -1]]
     visual = (ids[0] == IMAGE_TOKEN).nonzero().squeeze(-1)
     previous, chosen = None, None
     n = ids.shape[1]
@@ -37,7 +38,7 @@ def masked_reference(model, inputs, steps, threshold):
                 h,
                 attention_mask=mask if i >= L else None,
                 position_ids=pos,
-                past_key_values=cache,
+                **cache_kwargs(cache),
                 use_cache=True,
                 position_embeddings=pe,
             )
@@ -70,7 +71,7 @@ def test_decode_matches_masked_reference(llava, threshold):
     assert report["kept_visual"] == [16] and report["visual"] == [32]
     if threshold == 1.0:
         assert report["reselections"] == steps - 1
-    lengths = [layer.keys.shape[-2] for layer in gen.past_key_values.layers]
+    lengths = [layer.keys.shape[-2] for layer in output_cache(gen).layers]
     full = inputs["input_ids"].shape[1] + steps - 1
     assert lengths[:L] == [full] * L and lengths[L:] == [full - 16] * (len(lengths) - L)  # physically smaller
 

@@ -5,6 +5,7 @@ import torch
 from conftest import IMAGE_TOKEN, build, llava_inputs, single
 
 import tokreduce
+from tokreduce.adapters.compat import output_cache
 from tokreduce.base import top_k_sorted
 
 K = 2
@@ -96,7 +97,7 @@ def test_fastv_cached_decode_matches_no_cache_recomputation(llava, policy):
         gen = llava.generate(
             **inputs, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
         )
-        cache = gen.past_key_values
+        cache = output_cache(gen)
         n = inputs["input_ids"].shape[1]
         lengths = [layer.keys.shape[-2] for layer in cache.layers]
         assert lengths[:K] == [n + steps - 1] * K

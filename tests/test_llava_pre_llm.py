@@ -3,9 +3,9 @@
 import pytest
 import torch
 from conftest import IMAGE_TOKEN, build, llava_inputs, single
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokreduce
+from tokreduce.adapters.compat import encoder_output
 from tokreduce import TokenContext
 
 PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke"]
@@ -53,7 +53,7 @@ def test_matches_hand_built_reference(llava, name):
             input_ids=ids[keep][None],
             attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
             position_ids=torch.arange(len(ids))[keep][None],
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=reduced)},
+            mm_encoder_outputs={"image": encoder_output(reduced)},
         ).logits
         with reducer(llava) as state:
             out = llava(**inputs).logits

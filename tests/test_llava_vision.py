@@ -3,9 +3,9 @@
 import pytest
 import torch
 from conftest import IMAGE_TOKEN, VIDEO_TOKEN, anyres_inputs, build, llava_inputs, single
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokreduce
+from tokreduce.adapters.compat import encoder_output
 from tokreduce.adapters.vision import layer_scores
 
 FAMILIES = ["llava", "llava_next", "llava_onevision", "llava_next_video"]
@@ -131,7 +131,7 @@ def test_visionzip_llava_matches_hand_built_reference(models):
             input_ids=ids[keep][None],
             attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
             position_ids=torch.arange(len(ids))[keep][None],
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=reduced)},
+            mm_encoder_outputs={"image": encoder_output(reduced)},
         ).logits
         with tokreduce.VisionZip(dominant=dominant, contextual=contextual)(model) as state:
             got = model(**inputs).logits

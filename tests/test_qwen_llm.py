@@ -16,6 +16,7 @@ from conftest import (
 )
 
 import tokreduce
+from tokreduce.adapters.compat import output_cache
 from tokreduce.base import top_k_sorted
 
 K = 2
@@ -117,7 +118,7 @@ def test_fastv_cached_decode_matches_no_cache_recomputation(qwen_models, model_t
             **inputs, max_new_tokens=steps, output_logits=True, return_dict_in_generate=True, **QWEN_GREEDY
         )
         n = inputs["input_ids"].shape[1]
-        lengths = [layer.keys.shape[-2] for layer in gen.past_key_values.layers]
+        lengths = [layer.keys.shape[-2] for layer in output_cache(gen).layers]
         assert lengths[:K] == [n + steps - 1] * K
         assert lengths[K:] == [n + steps - 1 - 18] * (len(lengths) - K)  # 8 -> 2 and 16 -> 4 visual tokens
     seq = dict(inputs)
@@ -193,7 +194,7 @@ def test_dycoke_decode_pruning_batch_equals_singles(qwen_models, model_type):
     with torch.no_grad(), tokreduce.DyCoke(keep=0.5, prune_layer=K, prune_ratio=0.5)(model) as state:
         gen = model.generate(**inputs, max_new_tokens=4, return_dict_in_generate=True, **QWEN_GREEDY)
         assert state.extra["decode"]["reselections"] >= 1
-        lengths = [layer.keys.shape[-2] for layer in gen.past_key_values.layers]
+        lengths = [layer.keys.shape[-2] for layer in output_cache(gen).layers]
         assert all(length < lengths[0] for length in lengths[K:])
         for i in range(len(samples)):
             alone = model.generate(**qwen_single(inputs, samples, i), max_new_tokens=4, **QWEN_GREEDY)

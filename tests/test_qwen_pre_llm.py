@@ -15,6 +15,7 @@ from conftest import (
 )
 
 import tokreduce
+from tokreduce.adapters.compat import cache_kwargs, output_cache
 from tokreduce import TokenContext
 
 PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke"]
@@ -155,7 +156,7 @@ def test_generate_equals_manual_reference_with_explicit_positions(qwen_models, m
             return logits[:, -1].index_fill(-1, torch.tensor(QWEN_GREEDY["suppress_tokens"]), -torch.inf).argmax(-1)
 
         out = model(**ref, use_cache=True)
-        cache, tokens = out.past_key_values, [pick(out.logits)]
+        cache, tokens = output_cache(out), [pick(out.logits)]
         nxt = ref["position_ids"][:, :, -1:] + 1
         length = ref["input_ids"].shape[1]
         for step in range(steps - 1):
@@ -163,10 +164,10 @@ def test_generate_equals_manual_reference_with_explicit_positions(qwen_models, m
                 input_ids=tokens[-1][:, None],
                 attention_mask=torch.ones(1, length + step + 1, dtype=torch.long),
                 position_ids=nxt + step,
-                past_key_values=cache,
+                **cache_kwargs(cache),
                 use_cache=True,
             )
-            cache = out.past_key_values
+            cache = output_cache(out)
             tokens.append(pick(out.logits))
         with reducer(model):
             gen = model.generate(**inputs, max_new_tokens=steps, **QWEN_GREEDY)
@@ -202,11 +203,11 @@ def test_rope_deltas_continue_after_the_block(qwen_models, model_type):
     token = torch.tensor([[7]])
     with torch.no_grad():
         with tokreduce.Random(keep=0.5)(model):
-            cache = model(**inputs, use_cache=True).past_key_values
-            wrapped = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+            cache = output_cache(model(**inputs, use_cache=True))
+            wrapped = model(input_ids=token, **cache_kwargs(cache), use_cache=True).logits
         with tokreduce.Random(keep=0.5)(model):
-            cache = model(**inputs, use_cache=True).past_key_values
-        plain = model(input_ids=token, past_key_values=cache, use_cache=True).logits  # hooks gone
+            cache = output_cache(model(**inputs, use_cache=True))
+        plain = model(input_ids=token, **cache_kwargs(cache), use_cache=True).logits  # hooks gone
     torch.testing.assert_close(plain, wrapped, atol=1e-5, rtol=1e-5)
 
 

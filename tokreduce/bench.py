@@ -229,7 +229,7 @@ def make_prompt(model, tokens: int, text: tuple[int, int] = (16, 48), seed: int 
     frames of 14 x 14 pooled tokens (384 px SigLIP, 2 x 2 pooling) and one trailing newline token, so the
     count is the nearest whole number of frames (588 for 576, 2352 for 2304).
     """
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from tokreduce.adapters.compat import encoder_output
 
     config = model.config
     g = torch.Generator().manual_seed(seed)
@@ -260,7 +260,7 @@ def make_prompt(model, tokens: int, text: tuple[int, int] = (16, 48), seed: int 
             "attention_mask": torch.ones_like(ids),
             "mm_token_type_ids": types,
             "video_grid_thw": torch.tensor([[frames, 2 * side, 2 * side]]),
-            "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=[feats])},
+            "mm_encoder_outputs": {"video": encoder_output([feats])},
         }
         return Prompt(inputs, run, ids.shape[1] - run, (frames, side, side))
     if config.model_type == "llava_onevision":
@@ -273,7 +273,7 @@ def make_prompt(model, tokens: int, text: tuple[int, int] = (16, 48), seed: int 
         inputs = {
             "input_ids": ids,
             "attention_mask": torch.ones_like(ids),
-            "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=feats[None])},
+            "mm_encoder_outputs": {"video": encoder_output(feats[None])},
         }
         return Prompt(inputs, run, ids.shape[1] - run, (frames, side, side))
     raise ValueError(f"bench prompts exist for qwen2_vl and llava_onevision, not {config.model_type!r}")
@@ -303,7 +303,9 @@ def prefill(model, prompt: Prompt):
         start = time.perf_counter()
         out = model(**inputs, use_cache=True, logits_to_keep=1)
         seconds = time.perf_counter() - start
-    return seconds, cache_layer_bytes(out.past_key_values)
+    from tokreduce.adapters.compat import output_cache
+
+    return seconds, cache_layer_bytes(output_cache(out))
 
 
 class _Clock:
