@@ -4,7 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,vision,video,eval,demo,triton
 
-.PHONY: setup test demo bench clean
+# the oldest transformers pyproject admits (its lower bound): `make test-oldest` runs the suite on it too
+OLDEST_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+OLDEST_VENV ?= .venv-oldest
+
+.PHONY: setup test test-oldest demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +23,14 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q
 
+# A copy of the venv with only transformers swapped for the oldest supported release.
+test-oldest: setup
+	rm -rf $(OLDEST_VENV)
+	cp -a $(VENV) $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q "transformers==$(OLDEST_TRANSFORMERS)"
+	$(OLDEST_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(OLDEST_VENV)/bin/python -m pytest -q
+
 # Serves the Gradio demo on http://127.0.0.1:7860 until Ctrl+C (toy model; DEMO_ARGS="--model DIR" for another).
 demo: setup
 	$(PY) -m tokreduce.cli demo $(DEMO_ARGS)
@@ -27,4 +39,4 @@ bench: setup
 	$(PY) scripts/bench_methods.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache

@@ -518,7 +518,6 @@ class VLMAdapter:
         from .vision import attach_vision
 
         stage = stage_of(reducer)
-        inner = self.inner(model)
         hooks = Hooks(handles)
         session = Session(self, model, reducer, state)
         if stage == "vision":  # may return a session that reduces what its encoder hooks recorded (vision.py)

@@ -10,8 +10,8 @@ an error instead of a model that silently runs unreduced:
 - :func:`check_version` (a warning at ``wrap`` outside the tested range) and :func:`check_model` (an error
   at ``wrap`` when the model's forwards do not take the names below).
 
-When a new release is tested: add its names below, raise ``NEWEST_TESTED``, ``BELOW`` and the upper
-bound in pyproject.toml together, and add the version to ``.ci/run``.
+When a new release is tested: add its names below, raise ``NEWEST_TESTED`` and ``BELOW`` together with the
+upper bound in pyproject.toml (``make test`` then runs it; ``make test-oldest`` runs pyproject's lower bound).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ import torch
 from conftest import IMAGE_TOKEN, build, llava_inputs, single
 
 import tokreduce
-from tokreduce.adapters.compat import encoder_output
 from tokreduce import TokenContext
+from tokreduce.adapters.compat import encoder_output
 
 PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke"]
 ALL = tokreduce.list_reducers()

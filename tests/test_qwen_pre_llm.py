@@ -15,8 +15,8 @@ from conftest import (
 )
 
 import tokreduce
-from tokreduce.adapters.compat import cache_kwargs, output_cache
 from tokreduce import TokenContext
+from tokreduce.adapters.compat import cache_kwargs, output_cache
 
 PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke"]
 ALL = tokreduce.list_reducers()
@@ -143,11 +143,12 @@ def test_positions_types_and_rope_deltas_follow_the_kept_tokens(qwen_models, mod
 
 @pytest.mark.parametrize("model_type", QWEN_TYPES)
 @pytest.mark.parametrize("policy", ["original", "compact"])
-def test_generate_equals_manual_reference_with_explicit_positions(qwen_models, model_type, policy):
+@pytest.mark.parametrize("name", ["uniform", "divprune"])
+def test_generate_equals_manual_reference_with_explicit_positions(qwen_models, model_type, policy, name):
     """generate() == greedy decoding of the hand-reduced inputs with explicit position ids at every step."""
     model = qwen_models(model_type)
     inputs = qwen_inputs(model_type, [ITEMS], seed=5)
-    reducer = tokreduce.Uniform(keep=0.5, positions=policy)
+    reducer = tokreduce.get_reducer(name, keep=0.5, positions=policy)
     steps = 4
     with torch.no_grad():
         ref = reduced_reference(model, inputs, reducer, ITEMS, policy)
