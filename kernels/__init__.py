@@ -8,7 +8,8 @@ kernel and a wrapper that validates, allocates and launches:
 - ``tokreduce.kernels.attention_row``  attention_row(query, key, scale, key_mask) -> FastV's attention row
 
 Methods do not import these: ``tokreduce.similarity`` dispatches (``backend="auto" | "torch" | "triton"``).
-The submodules import triton; this file and ``utils`` do not.
+The package is a leaf: nothing here imports the rest of tokreduce, so the core imports kernels and never
+the reverse. The submodules import triton; this file and ``utils`` do not.
 
 Import-time side effects are deliberately absent: transformers probes for a top-level package named
 ``kernels``, so this file must stay importable cheaply and must not define a version.

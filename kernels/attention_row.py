@@ -33,10 +33,17 @@ LOG2E = 1.4426950408889634
 
 
 def attention_row_ref(query: Tensor, key: Tensor, scale: float | None = None, key_mask: Tensor | None = None) -> Tensor:
-    """Torch reference: the full (B, H, Q, N) logits in float32 (``tokreduce.similarity.attention_row``'s torch path)."""
-    from tokreduce.similarity import attention_row as dispatch
-
-    return dispatch(query, key, scale, key_mask, backend="torch")
+    """Torch reference, the math above with the full (B, H, Q, N) logits in float32: -> (B, N) float32."""
+    b, h, q, d = query.shape
+    hk, n = key.shape[1], key.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    keys = key.float().repeat_interleave(h // hk, dim=1)  # query head h reads key head h // G
+    logits = (query.float() @ keys.transpose(-1, -2)) * scale  # (B, H, Q, N)
+    positions = torch.arange(n, device=query.device)
+    allowed = positions[None, :] <= (n - q + torch.arange(q, device=query.device))[:, None]  # (Q, N) causal
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :].to(torch.bool)  # (B, 1, Q, N)
+    return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1).mean(dim=(1, 2))
 
 
 @triton.jit
@@ -161,7 +168,7 @@ def attention_row(query: Tensor, key: Tensor, scale: float | None = None, key_ma
         key_mask: (B, N) bool (or 0/1 integers), False for padding keys that nothing may attend to.
 
     Returns:
-        (B, N) float32; matches ``tokreduce.similarity.attention_row``. A query that may attend to no key
+        (B, N) float32; matches :func:`attention_row_ref`. A query that may attend to no key
         at all gives nan, as the torch softmax does. Falls back to :func:`attention_row_ref` when the
         tensors are not on CUDA and the interpreter is off.
     """

@@ -7,8 +7,8 @@ For x (B, N, C) and d(i, j) = 1 - cos(x_i, x_j) in float32, pick k tokens:
     p_t     = argmax_i r_i                                    (t = 1 .. k-1, ties to the lower index)
     r_i    <- min(r_i, d(i, p_t)), r_{p_t} = -inf
 
-exactly as ``tokreduce.functional.divprune``, but the (N, N) distance matrix is never built: memory is O(N)
-and each pick costs one pass over x (a matrix-vector product fused with the running minimum and a
+the picks of ``tokreduce.functional.divprune``, but the (N, N) distance matrix is never built: memory is
+O(N) and each pick costs one pass over x (a matrix-vector product fused with the running minimum and a
 block argmax).
 
 Launch strategy. p_0 comes from the ``cosine_max`` kernel with ``exclude_self`` (one launch, N^2 C work,
@@ -23,6 +23,7 @@ resolves p_{k-1}. k + 2 launches in all, no host synchronisation until the final
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -34,13 +35,28 @@ MAX_PARTS = 1024  # per-block winners reduced by every program at the start of a
 
 
 def greedy_maxmin_ref(x: Tensor, k: int) -> Tensor:
-    """Torch reference: ``tokreduce.functional.divprune``'s loop over the (N, N) distance matrix.
+    """Torch reference over the full (B, N, N) distance matrix: x (B, N, C) -> (B, k) long, ascending.
 
-    x (B, N, C) -> (B, k) long, ascending. Imported lazily: the method file owns the one torch version.
+    Builds the (B, N, N) distance matrix and takes each r_i as the minimum over all picks so far
+    (O(k^2 N), which is the same value as the running minimum).
     """
-    from tokreduce.methods.divprune import divprune_torch
-
-    return divprune_torch(x, k)
+    batch, n, _ = x.shape
+    k = max(0, min(int(k), n))
+    if k >= n:
+        return torch.arange(n, device=x.device).expand(batch, n).contiguous()
+    unit = F.normalize(x.float(), dim=-1)
+    dist = 1.0 - unit @ unit.transpose(-1, -2)  # (B, N, N)
+    picks = torch.empty(batch, k, dtype=torch.long, device=x.device)
+    if k == 0:
+        return picks
+    self_pairs = torch.eye(n, dtype=torch.bool, device=x.device)
+    picks[:, 0] = dist.masked_fill(self_pairs, float("inf")).amin(dim=-1).argmax(dim=-1)
+    for step in range(1, k):
+        chosen = picks[:, :step]  # (B, step)
+        from_picks = dist.gather(1, chosen[:, :, None].expand(batch, step, n))  # (B, step, N): d(p_s, i)
+        running = from_picks.amin(dim=1).scatter(1, chosen, float("-inf"))
+        picks[:, step] = running.argmax(dim=-1)
+    return picks.sort(dim=-1).values
 
 
 @triton.jit(do_not_specialize=["step", "num_prev"])
@@ -108,7 +124,7 @@ def greedy_maxmin(x: Tensor, k: int) -> Tensor:
         k: tokens to keep; clamped to [0, N], k >= N returns every index.
 
     Returns:
-        (B, k) long indices, ascending; the same picks as ``tokreduce.functional.divprune``.
+        (B, k) long indices, ascending; the same picks as :func:`greedy_maxmin_ref`.
         Falls back to :func:`greedy_maxmin_ref` when x is not on CUDA and the interpreter is off.
     """
     check_floating("x", x, 3)

@@ -59,9 +59,11 @@ def greedy_maxmin(x: Tensor, k: int, *, backend: str = "auto") -> Tensor:
     """Greedy max-min diversity selection on cosine distance (DivPrune): x (B, N, C) -> (B, k) long, ascending.
 
     d(i, j) = 1 - cos(x_i, x_j) in float32; the first pick is the token farthest from its nearest other token,
-    each next pick the token farthest from its nearest pick; ties go to the lower index. k is clamped to
-    [0, N]; k >= N returns every index. The torch path is ``tokreduce.methods.divprune.divprune_torch``
-    (an (N, N) matrix); the Triton path streams x once per pick and keeps O(N) state.
+    each next pick the token farthest from its nearest pick; picked tokens never win again; ties go to the
+    lower index. k is clamped to [0, N]; k >= N returns every index. The torch path builds the (B, N, N)
+    distance matrix and updates a running minimum with one row per pick (O(k N) instead of a min over the
+    growing set of picks, O(k^2 N); the picks are the same). The Triton path streams x once per pick and
+    keeps O(N) state.
     """
     if x.ndim != 3:
         raise ValueError(f"x must be (B, N, C), got shape {tuple(x.shape)}")
@@ -73,9 +75,21 @@ def greedy_maxmin(x: Tensor, k: int, *, backend: str = "auto") -> Tensor:
         from tokreduce.kernels.divprune import greedy_maxmin as kernel
 
         return kernel(x, k)
-    from tokreduce.methods.divprune import divprune_torch  # lazy: the method module imports this one
-
-    return divprune_torch(x, k)
+    if k >= n:
+        return torch.arange(n, device=x.device).expand(b, n).contiguous()
+    dist = 1.0 - cosine_matrix(x, x)  # (B, N, N)
+    rows = torch.arange(b, device=x.device)
+    picks = torch.empty(b, k, dtype=torch.long, device=x.device)
+    nearest = dist.diagonal_scatter(torch.full((b, n), float("inf"), device=x.device), dim1=1, dim2=2).amin(dim=-1)
+    picks[:, 0] = nearest.argmax(dim=-1)
+    running = dist[rows, picks[:, 0]].clone()  # (B, N) distance of every token to its nearest pick
+    running[rows, picks[:, 0]] = -float("inf")
+    for step in range(1, k):
+        pick = running.argmax(dim=-1)
+        picks[:, step] = pick
+        torch.minimum(running, dist[rows, pick], out=running)
+        running[rows, pick] = -float("inf")
+    return picks.sort(dim=-1).values
 
 
 def aligned_cosine(a: Tensor, b: Tensor) -> Tensor:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ..base import Reducer
 from ..context import TokenContext
 from ..registry import register_reducer
 from ..selection import Selection
-from ..similarity import cosine_matrix, greedy_maxmin
+from ..similarity import greedy_maxmin
 
 
 def divprune(x: Tensor, k: int) -> Tensor:
@@ -25,8 +24,8 @@ def divprune(x: Tensor, k: int) -> Tensor:
     Deviation from the reference: tokens already picked are excluded explicitly. The reference relies on
     d(i, i) = 0 and can pick a token twice when every remaining distance is 0 (duplicate tokens).
 
-    On CUDA with Triton installed the loop runs as a fused kernel (``tokreduce.similarity.greedy_maxmin``,
-    O(N) memory instead of the (N, N) matrix); the picks are the same.
+    Both paths live in ``tokreduce.similarity.greedy_maxmin``: on CUDA with Triton installed the loop runs as
+    a fused kernel (O(N) memory instead of the (N, N) matrix); the picks are the same.
 
     Based on DivPrune (Alvar et al., CVPR 2025, arXiv 2503.02175).
     """
@@ -34,26 +33,8 @@ def divprune(x: Tensor, k: int) -> Tensor:
 
 
 def divprune_torch(x: Tensor, k: int) -> Tensor:
-    """The torch path of :func:`divprune`, and the reference its Triton kernel is tested against."""
-    b, n, _ = x.shape
-    k = max(0, min(k, n))
-    if k >= n:
-        return torch.arange(n, device=x.device).expand(b, n).contiguous()
-    dist = 1.0 - cosine_matrix(x, x)  # (B, N, N)
-    rows = torch.arange(b, device=x.device)
-    picks = torch.empty(b, k, dtype=torch.long, device=x.device)
-    if n == 1:
-        return picks.zero_()
-    nearest = dist.diagonal_scatter(torch.full((b, n), float("inf"), device=x.device), dim1=1, dim2=2).amin(dim=-1)
-    picks[:, 0] = nearest.argmax(dim=-1)
-    running = dist[rows, picks[:, 0]].clone()  # (B, N) distance of every token to its nearest pick
-    running[rows, picks[:, 0]] = -float("inf")
-    for step in range(1, k):
-        pick = running.argmax(dim=-1)
-        picks[:, step] = pick
-        torch.minimum(running, dist[rows, pick], out=running)
-        running[rows, pick] = -float("inf")
-    return picks.sort(dim=-1).values
+    """The torch path of :func:`divprune` (``tokreduce.similarity.greedy_maxmin`` with ``backend="torch"``)."""
+    return greedy_maxmin(x, k, backend="torch")
 
 
 @register_reducer("divprune")
