@@ -10,9 +10,10 @@ Placeholder layouts, from the config and the input shapes only (so they also wor
   spans (each with its own budget and grid); newline tokens are never removed, so every kept row still
   ends with its newline. A single-crop image is (1, h, w) plus one newline.
 
-Vision stage (``adapters/vision.py``): on ``llava`` ToMe merges inside the CLIP / SigLIP layers and VisionZip
-merges the feature layer's tokens before the projector (``vision_in_tower``); on ``llava_next`` VisionZip's
-tower scores are carried to the projected tokens by the model's own packing (:func:`anyres_side`).
+Vision stage (``adapters/vision.py``): on ``llava`` a block-merging reducer merges inside the CLIP / SigLIP
+layers and a one-layer scoring reducer merges the feature layer's tokens before the projector
+(``vision_in_tower``); on ``llava_next`` the tower's scores are carried to the projected tokens by the model's
+own packing (:func:`anyres_side`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,9 @@ import math
 
 from torch import Tensor
 
-from .base import ItemLayout, VLMAdapter, grid_piece
-
-
-def has_cls(vision_config) -> bool:
-    """CLIP-style towers prepend a CLS token; SigLIP has none."""
-    return "clip" in getattr(vision_config, "model_type", "")
+from .base import VLMAdapter
+from .layout import ItemLayout, grid_piece
+from .tower import has_cls
 
 
 def tokens_per_side(config) -> int:
@@ -163,7 +161,7 @@ class LlavaAdapter(VLMAdapter):
     """LLaVA-1.5: a CLIP grid per image, projected by a 2-layer MLP into the language model."""
 
     model_types = ("llava",)
-    # vision-stage reducers act on the tower's own tokens: ToMe in its layers, VisionZip before the projector
+    # vision-stage reducers act on the tower's own tokens: merging in its layers, scoring before the projector
     vision_in_tower = True
 
     def layouts(self, inner, kw: dict) -> dict[str, list[ItemLayout]]:
@@ -218,5 +216,5 @@ class LlavaNextAdapter(VLMAdapter):
         return {"image": image_features(inner, kw, image_sizes=kw["image_sizes"])}
 
     def vision_side(self, inner, modality: str, call: dict, rows: Tensor) -> list[Tensor]:
-        """Per-crop (R, P, S) tower side information (VisionZip scores) -> per-image (L_i, S) rows."""
+        """Per-crop (R, P, S) tower side information (one-layer scores) -> per-image (L_i, S) rows."""
         return next_image_side(inner, call, rows)

@@ -4,8 +4,8 @@ Layouts: images as in LLaVA-NeXT (base view + high-resolution grid with row newl
 is one (F, h / s, w / s) grid, s = ``spatial_pool_stride`` (the frames' patch grids are pooled by the
 model's ``vision_resampler``), with no newline tokens.
 
-Vision stage (``adapters/vision.py``): VisionZip with tower scores carried to the projected tokens
-(:meth:`LlavaNextVideoAdapter.vision_side`); ToMe inside the tower is refused.
+Vision stage (``adapters/vision.py``): one-layer scoring with tower scores carried to the projected tokens
+(:meth:`LlavaNextVideoAdapter.vision_side`); merging inside the tower is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import math
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import ItemLayout, VLMAdapter, grid_piece
+from . import compat
+from .base import VLMAdapter
+from .layout import ItemLayout, grid_piece
 from .llava import (
     anyres_layout,
     anyres_layout_from_feature,
@@ -67,13 +69,13 @@ class LlavaNextVideoAdapter(VLMAdapter):
             out["video"] = video_features(inner, kw)
         return out
 
-    def pack(self, modality: str, features: list[Tensor]):
+    def encoder_output(self, inner, modality: str, features: list[Tensor]):
         if modality == "video":  # the forward flattens each entry's (1, L, C) to (L, C)
-            return [f[None] for f in features]
-        return features
+            features = [f[None] for f in features]
+        return compat.encoder_output(features)
 
     def vision_side(self, inner, modality: str, call: dict, rows: Tensor) -> list[Tensor]:
-        """Per-crop / per-frame (R, P, S) tower side information (VisionZip scores) -> per-item (L_i, S) rows.
+        """Per-crop / per-frame (R, P, S) tower side information (one-layer scores) -> per-item (L_i, S) rows.
 
         Video frames are averaged over each ``spatial_pool_stride`` window, the grid the model pools to (for
         ``spatial_pool_mode="max"`` / ``"conv"`` the scores are still averaged).

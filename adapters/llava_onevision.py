@@ -6,8 +6,8 @@ images get one crop per image (``batch_num_images``) followed by a single newlin
 one (F, ceil(h / 2), ceil(w / 2)) grid (frames are 2x2 bilinear-pooled) followed by one newline token,
 which is never removed.
 
-Vision stage (``adapters/vision.py``): VisionZip scored in the SigLIP tower (attention received) and carried
-to the projected tokens (:meth:`LlavaOnevisionAdapter.vision_side`); ToMe inside the tower is refused.
+Vision stage (``adapters/vision.py``): one-layer scores from the SigLIP tower (attention received) carried
+to the projected tokens (:meth:`LlavaOnevisionAdapter.vision_side`); merging inside the tower is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import ItemLayout, VLMAdapter, grid_piece
+from . import compat
+from .base import VLMAdapter
+from .layout import ItemLayout, grid_piece
 from .llava import (
     anyres_layout,
     anyres_layout_from_feature,
@@ -76,13 +78,13 @@ class LlavaOnevisionAdapter(VLMAdapter):
             out["video"] = video_features(inner, kw)
         return out
 
-    def pack(self, modality: str, features: list[Tensor]):
+    def encoder_output(self, inner, modality: str, features: list[Tensor]):
         if modality == "video":  # the forward flattens (videos, tokens) -> one row of all video tokens
-            return torch.cat(features)[None]
-        return features
+            features = torch.cat(features)[None]
+        return compat.encoder_output(features)
 
     def vision_side(self, inner, modality: str, call: dict, rows: Tensor) -> list[Tensor]:
-        """Per-crop / per-frame (R, P, S) tower side information (VisionZip scores) -> per-item (L_i, S) rows.
+        """Per-crop / per-frame (R, P, S) tower side information (one-layer scores) -> per-item (L_i, S) rows.
 
         Images go through the model's own packing; video frames through its own 2x2 bilinear pooling (an
         average of each 2x2 window for even grids), followed by a zero row for the newline token.

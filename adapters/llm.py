@@ -1,22 +1,17 @@
-"""Pruning inside the language model: FastV / DART / FrameFusion at layer K, DyCoke's KV pruning while decoding.
+"""Pruning inside the language model at decoder layer K (stage ``llm``, a :class:`~tokreduce.stages.LayerPrune`).
 
-Both work with hooks on the decoder layers only (default SDPA attention; no eager switch, no second run of
-any layer, no duplicate KV entries):
-
-- :class:`LayerPruning` (stage ``llm``). At prefill a pre-hook on layer K-1 computes q of the last prompt
-  token(s) from that layer's normed input (``q_proj`` + the model module's own ``apply_rotary_pos_emb``);
-  a post-hook takes the layer's RoPE'd keys from its cache layer (recomputed from the input when no cache
-  is used) and forms the attention row with :func:`tokreduce.similarity.attention_row` (float32 softmax).
-  The pre-hook of layer K selects per sample and span, gathers the kept hidden states (merges for
-  FrameFusion), re-pads left, and substitutes hidden states, mask, position embeddings and position ids;
-  layers > K get the same substitutions. Layers < K keep their full cache, layers >= K only the kept
-  tokens, so ``cache.get_seq_length()`` (layer 0) still reports the full length, which is what the
-  model-level mask of layers < K needs. Decode steps: layers >= K get a mask built against their own
-  (shorter) cache by ``create_causal_mask(..., layer_idx=K)``.
-- :class:`DecodePruning` (DyCoke stage 2). At every decode step the current query's attention to the
-  visual cache entries of layer L-1 decides whether the kept set changes; layers >= L physically hold only
-  the kept visual entries between re-selections. The dropped entries are parked in a side store (on the
-  CPU when the cache is on an accelerator) so a later re-selection can bring them back.
+Hooks on the decoder layers only (default SDPA attention; no eager switch, no second run of any layer, no
+duplicate KV entries). When the method asks for attention, a post-hook on layer K-1 computes q of the last
+``queries`` prompt tokens from that layer's normed input (``q_proj`` + the model module's own
+``apply_rotary_pos_emb``), takes the layer's RoPE'd keys from its cache layer (recomputed from the input when
+no cache is used) and forms the attention row with :func:`tokreduce.similarity.attention_row` (float32
+softmax). When it asks for keys, layer K's key states of the visual and text tokens are handed over too.
+The pre-hook of layer K selects per sample and span, gathers the kept hidden states (size-weighted means
+for merges), re-pads left, and substitutes hidden states, mask, position embeddings and position ids;
+layers > K get the same substitutions. Layers < K keep their full cache, layers >= K only the kept tokens,
+so ``cache.get_seq_length()`` (layer 0) still reports the full length, which is what the model-level mask
+of layers < K needs. Decode steps: layers >= K get a mask built against their own (shorter) cache by the
+model's ``create_causal_mask(..., layer_idx=K)``.
 """
 
 from __future__ import annotations
@@ -27,11 +22,13 @@ import torch
 from torch import Tensor
 
 from tokreduce.context import Timer, TokenContext
-from tokreduce.methods.dycoke import dycoke_kv_select
 from tokreduce.similarity import attention_row
+from tokreduce.stages import LayerPrune
 
 from . import compat
-from .base import Track, compact_positions, gather_last, gather_seq, left_pad_index, record_span
+from .sequence import compact_positions, gather_last, gather_seq, left_pad_index
+from .session import record_span
+from .state import LayerCut, Track
 
 
 def rotary_fn(attention_module):
@@ -94,18 +91,21 @@ def causal_mask(lm, hidden: Tensor, mask2d: Tensor, cache, positions: Tensor, la
 
 
 class LayerPruning:
-    """FastV / DART / FrameFusion: prune visual tokens from decoder layer K on (see module docstring)."""
+    """Prune visual tokens from decoder layer K on, as the reducer's :class:`LayerPrune` asks (module docstring)."""
 
-    def __init__(self, session, lm):
+    def __init__(self, session, lm, plan: LayerPrune):
         self.session = session
         self.lm = lm
         self.reducer = session.reducer
-        self.k = self.reducer.layer
+        self.plan = plan
+        self.k = plan.layer
         n_layers = len(lm.layers)
         if not 1 <= self.k < n_layers:
-            raise ValueError(f"{self.reducer.name}: layer must be in [1, {n_layers - 1}] for this model, got {self.k}")
-        self.queries = getattr(self.reducer, "queries", 1) if self.reducer.name == "framefusion" else 1
-        self.needs_attention = self.reducer.name != "dart"
+            raise ValueError(
+                f"{self.reducer.name}: {plan.knob} must be in [1, {n_layers - 1}] for this model, got {self.k}"
+            )
+        self.queries = plan.queries
+        self.needs_attention = plan.queries > 0
 
     def attach(self, hooks) -> None:
         layers = self.lm.layers
@@ -118,7 +118,7 @@ class LayerPruning:
     def prefill_run(self, hidden: Tensor):
         """The current prompt's Run if this forward is its (not yet pruned) prefill, else None."""
         run = self.session.run
-        if run is None or not run.spans or hidden.shape[1] != run.length or "pruned" in run.extra:
+        if run is None or not run.spans or hidden.shape[1] != run.length or run.cut_done:
             return None
         return run
 
@@ -134,8 +134,8 @@ class LayerPruning:
             keys = cached_keys(compat.cache_of(kwargs), self.k - 1, run.length)
             if keys is None:  # no cache (or one we cannot read): one k projection, never a second layer run
                 keys = key_states(module, hidden, cos, sin)
-            run.extra["attention"] = attention_row(query, keys, module.self_attn.scaling, run.base_mask.bool())
-        self.session.state.extra["attention"] = run.extra["attention"]  # (B, N) scores, for overlays and checks
+            run.attention = attention_row(query, keys, module.self_attn.scaling, run.base_mask.bool())
+        self.session.state.extra["attention"] = run.attention  # (B, N) scores, for overlays and checks
         return None
 
     def at_layer_k(self, module, args, kwargs):
@@ -144,24 +144,25 @@ class LayerPruning:
         if run is not None:
             return self.prune(run, module, args, kwargs, hidden)
         run = self.session.run
-        if run is None or run.extra.get("pruned") is None or run.deep is None:
+        if run is None or run.cut is None or run.deep is None:
             return None
         return self.decode_kwargs(run, args, kwargs, hidden)
 
     def later_layer(self, module, args, kwargs):
         run = self.session.run
-        if run is None or run.extra.get("pruned") is None:
+        if run is None or run.cut is None:
             return None
-        return args, {**kwargs, **run.extra["pruned"]["layer_kwargs"]}
+        return args, {**kwargs, **run.cut.layer_kwargs}
 
     def prune(self, run, module, args, kwargs, hidden: Tensor):
         state, reducer = self.session.state, self.reducer
         b, n, _ = hidden.shape
         keep = torch.ones(b, n, dtype=torch.bool, device=hidden.device)
         out = hidden
-        attention = run.extra.pop("attention", None)
+        attention, run.attention = run.attention, None
+        run.cut_done = True
         keys = None
-        if reducer.name == "dart":
+        if self.plan.keys:
             with torch.no_grad():
                 attn = module.self_attn
                 keys = attn.k_proj(module.input_layernorm(hidden))  # pre-RoPE key states of layer K, heads flattened
@@ -188,7 +189,7 @@ class LayerPruning:
                     out = out.clone() if out is hidden else out
                     out[span.sample, kept] = selection.merge(tokens)[0].to(out.dtype)
         if bool(keep.all()):
-            run.extra["pruned"] = None
+            run.cut = None
             return None
         index, valid = left_pad_index(keep)
         new_hidden = gather_seq(out, index)
@@ -196,7 +197,7 @@ class LayerPruning:
         layer_pos = kwargs.get("position_ids")
         # M-RoPE adapters record the (3, B, N) positions the rotary embedding takes; the layers' own
         # position_ids are then text positions (or None) that only masks / flash attention read.
-        rope = run.extra.get("rope_positions")
+        rope = run.rope_positions
         positions = rope if rope is not None else layer_pos
         positions = torch.arange(n, device=hidden.device).expand(b, n) if positions is None else positions
         kept_pos = gather_last(positions.expand(*positions.shape[:-2], b, n), index).masked_fill(~valid, 0)
@@ -218,12 +219,12 @@ class LayerPruning:
             "position_embeddings": (cos, sin),
             "position_ids": step_pos,
         }
-        run.extra["pruned"] = {"layer_kwargs": layer_kwargs, "index": index, "valid": valid}
+        run.cut = LayerCut(layer_kwargs=layer_kwargs, index=index, valid=valid)
         return with_hidden(args, {**kwargs, **layer_kwargs}, new_hidden)
 
     def decode_kwargs(self, run, args, kwargs, hidden: Tensor):
         """A decode step: layers >= K attend over their own shorter cache with the reduced mask."""
-        positions = run.extra.get("decode_positions")
+        positions = run.step_positions
         if positions is None:
             positions = kwargs["position_ids"]
         new_pos = positions - run.deep.shift[..., None]
@@ -231,160 +232,11 @@ class LayerPruning:
         if not bool((run.deep.shift == 0).all()):
             cos, sin = self.lm.rotary_emb(hidden, new_pos)
         cache = compat.cache_of(kwargs)
-        step_pos = new_pos if "rope_positions" not in run.extra else kwargs.get("position_ids")
+        step_pos = new_pos if run.rope_positions is None else kwargs.get("position_ids")
         layer_kwargs = {
             "attention_mask": causal_mask(self.lm, hidden, run.deep.mask, cache, step_pos, self.k),
             "position_embeddings": (cos, sin),
             "position_ids": step_pos,
         }
-        run.extra["pruned"]["layer_kwargs"] = layer_kwargs
+        run.cut.layer_kwargs = layer_kwargs
         return args, {**kwargs, **layer_kwargs}
-
-
-class DecodePruning:
-    """DyCoke stage 2: from decoder layer L on, keep only the visual KV entries the current query attends to.
-
-    At each decode step the query's attention over layer L-1's cache (mean over heads, float32) restricted to
-    the prompt's visual entries is compared with the attention at the last re-selection
-    (:func:`tokreduce.functional.dycoke_kv_select`); when it drifted (cosine < threshold) for any sample,
-    the top (1 - P) visual entries are chosen for the samples that drifted, and the caches of layers >= L
-    are rebuilt to hold exactly the chosen visual entries (plus every text and generated entry).
-
-    Memory: layers >= L hold (1 - P) of the visual entries on the model's device. The other P are parked in
-    a side store so that a re-selection can bring them back; the store lives on the CPU when the cache is
-    on an accelerator (then the device memory of P * visual entries * (layers - L) is freed), and on the
-    same device otherwise (then nothing is freed overall; the saving is attention reads per step).
-    ``state.extra["decode"]`` reports re-selections, kept counts and the bytes moved off the device.
-    """
-
-    def __init__(self, session, lm):
-        self.session = session
-        self.lm = lm
-        self.reducer = session.reducer
-        self.layer = self.reducer.prune_layer
-        if not 1 <= self.layer < len(lm.layers):
-            raise ValueError(
-                f"dycoke: prune_layer must be in [1, {len(lm.layers) - 1}] for this model, got {self.layer}"
-            )
-
-    def attach(self, hooks) -> None:
-        layers = self.lm.layers
-        hooks.post(layers[self.layer - 1], self.score)
-        hooks.pre(layers[self.layer], self.at_layer_l)
-        for layer in layers[self.layer + 1 :]:
-            hooks.pre(layer, self.later_layer)
-
-    def decoding(self, kwargs):
-        run = self.session.run
-        cache = compat.cache_of(kwargs)
-        if run is None or run.extra.get("phase") != "decode" or cache is not run.cache or run.visual is None:
-            return None
-        return run
-
-    def score(self, module, args, kwargs, output):
-        run = self.decoding(kwargs)
-        if run is None:
-            return None
-        hidden = hidden_arg(args, kwargs)
-        cos, sin = kwargs["position_embeddings"]
-        mask0 = run.extra["mask0"]
-        with torch.no_grad():
-            query = query_states(module, hidden, cos, sin, 1)
-            keys = cached_keys(compat.cache_of(kwargs), self.layer - 1, mask0.shape[1])
-            if keys is None:
-                raise ValueError("dycoke decode pruning needs a dynamic KV cache (plain DynamicCache layers)")
-            row = attention_row(query, keys, module.self_attn.scaling, mask0.bool())  # (B, S)
-        memo = run.extra.setdefault("dycoke", {"previous": [None] * row.shape[0], "chosen": [None] * row.shape[0]})
-        prefill = run.visual.shape[1]
-        changed = False
-        for b in range(row.shape[0]):  # visual counts differ per sample; the work per sample is vectorised
-            visual = run.visual[b].nonzero().squeeze(-1)
-            if visual.numel() == 0:
-                continue
-            attention = row[b, visual][None]
-            pick = dycoke_kv_select(attention, memo["previous"][b], self.reducer.prune_ratio, self.reducer.threshold)
-            if pick is not None:
-                memo["previous"][b], memo["chosen"][b], changed = attention, visual[pick[0]], True
-        memo["changed"] = changed
-        memo["prefill"] = prefill
-        return None
-
-    def at_layer_l(self, module, args, kwargs):
-        run = self.decoding(kwargs)
-        if run is None or "dycoke" not in run.extra:
-            return None
-        memo = run.extra["dycoke"]
-        cache = compat.cache_of(kwargs)
-        if memo.pop("changed", False):
-            with Timer(self.session.state):
-                self.rebuild(run, memo, cache)
-        hidden = hidden_arg(args, kwargs)
-        mask0 = run.extra["mask0"]
-        deep = torch.cat([memo["prefill_mask"], mask0[:, memo["prefill"] :]], dim=1)
-        memo["layer_kwargs"] = {
-            "attention_mask": causal_mask(self.lm, hidden, deep, cache, kwargs["position_ids"], self.layer)
-        }
-        return args, {**kwargs, **memo["layer_kwargs"]}
-
-    def later_layer(self, module, args, kwargs):
-        run = self.decoding(kwargs)
-        if run is None or "layer_kwargs" not in run.extra.get("dycoke", {}):
-            return None
-        return args, {**kwargs, **run.extra["dycoke"]["layer_kwargs"]}
-
-    def rebuild(self, run, memo: dict, cache) -> None:
-        """Re-form the caches of layers >= L: non-visual prompt entries + chosen visual entries + generated."""
-        prefill = memo["prefill"]
-        keep = ~run.visual.clone()
-        for i, chosen in enumerate(memo["chosen"]):
-            if chosen is not None:
-                keep[i, chosen] = True
-            else:
-                keep[i] = True
-        index, valid = left_pad_index(keep)
-        drop_index, drop_valid = left_pad_index(~keep)
-        old = memo.get("live")  # (index, valid) of the prompt slots layers >= L hold now, None = all of them
-        store = memo.setdefault("store", {})
-        moved = 0
-        for layer_idx in range(self.layer, len(self.lm.layers)):
-            layer = cache.layers[layer_idx]
-            held = old[0].shape[1] if old is not None else prefill
-            tensors = []
-            for name in ("keys", "values"):
-                live = getattr(layer, name)
-                full = self.full_prompt(
-                    live[:, :, :held], old, store.get((layer_idx, name)), memo.get("dropped"), prefill
-                )
-                tensors.append(torch.cat([full.gather(2, expand(index, full)), live[:, :, held:]], dim=2))
-                parked = full.gather(2, expand(drop_index, full))
-                device = "cpu" if live.is_cuda else live.device
-                store[(layer_idx, name)] = parked.to(device)
-                moved += parked.numel() * parked.element_size() if live.is_cuda else 0
-            layer.keys, layer.values = tensors
-        memo["live"], memo["dropped"] = (index, valid), (drop_index, drop_valid)
-        memo["prefill_mask"] = (gather_seq(run.extra["mask0"][:, :prefill], index) * valid).to(run.extra["mask0"].dtype)
-        report = self.session.state.extra.setdefault("decode", {"reselections": 0})
-        report["reselections"] += 1
-        report["kept_visual"] = [int(c.numel()) if c is not None else None for c in memo["chosen"]]
-        report["visual"] = run.visual.sum(1).tolist()
-        report["bytes_off_device"] = moved
-        report["layers"] = list(range(self.layer, len(self.lm.layers)))
-
-    @staticmethod
-    def full_prompt(held: Tensor, live, parked: Tensor | None, dropped, prefill: int) -> Tensor:
-        """(B, Hk, S_prompt, D): the prompt's entries of one layer, reassembled from the held and parked ones."""
-        if live is None:
-            return held
-        bsz, heads, _, dim = held.shape
-        full = held.new_zeros(bsz, heads, prefill + 1, dim)  # slot ``prefill`` swallows the pad slots
-        index, valid = live
-        full.scatter_(2, expand(torch.where(valid, index, prefill), full), held)
-        if parked is not None:
-            index, valid = dropped
-            full.scatter_(2, expand(torch.where(valid, index, prefill), full), parked.to(held.device))
-        return full[:, :, :prefill]
-
-
-def expand(index: Tensor, like: Tensor) -> Tensor:
-    """(B, L) slot index -> (B, Hk, L, D) for gather / scatter along a KV tensor's sequence dim."""
-    return index[:, None, :, None].expand(like.shape[0], like.shape[1], index.shape[1], like.shape[3]).to(like.device)

@@ -1,4 +1,4 @@
-"""open_clip vision-tower adapter: ToMe in every block, or VisionZip at one block.
+"""open_clip vision-tower adapter: merging in every block, or scoring at one block (:mod:`tokreduce.stages`).
 
 Accepts an open_clip ``CLIP`` / ``CustomTextCLIP`` / ``CoCa`` model (anything with a ``.visual`` tower) or
 the tower itself. Towers are open_clip ``VisionTransformer`` with either block type:
@@ -10,8 +10,8 @@ the tower itself. Towers are open_clip ``VisionTransformer`` with either block t
 
 A ``TimmModel`` tower whose trunk is a timm ViT is handed to the timm adapter. The class token is never
 merged or pruned, so ``encode_image`` (pooled from it, or averaged) keeps its shape; ``output_tokens=True``
-returns the reduced tokens. As for timm, ``stage="pre_llm"`` and ``stage="vision"`` both put ToMe inside
-the encoder. open_clip is never imported unless an open_clip model is passed.
+returns the reduced tokens. As for timm, every stage means "inside the encoder". open_clip is never imported
+unless an open_clip model is passed.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class OpenClipViTAdapter:
 
     model_types: tuple[str, ...] = ()
     description = "open_clip VisionTransformer (CLIP.visual)"
+    encoder_only = True
 
     def matches(self, model) -> bool:
         return self._tower(model) is not None
@@ -60,11 +61,16 @@ class OpenClipViTAdapter:
             batch_first=getattr(tower.transformer, "batch_first", True),
         )
 
-    def attach(self, model, reducer, state, handles: list) -> None:
+    def attach_encoder(self, model, reducer, mode, state, hooks) -> None:
         tower = self._tower(model)
         timm_adapter = TimmViTAdapter()
         encoder = timm_adapter.encoder(tower) if timm_adapter.matches(tower) else self.encoder(tower)
-        attach(encoder, reducer, state, handles)
+        attach(encoder, reducer, mode, state, hooks.handles)
+
+    def attach(self, model, reducer, state, handles: list) -> None:
+        from .dispatch import attach as dispatch
+
+        dispatch(self, model, reducer, state, handles)
 
 
 def _block_parts(block: nn.Module) -> BlockParts:

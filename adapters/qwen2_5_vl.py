@@ -1,7 +1,7 @@
 """Adapter for Qwen2.5-VL (``qwen2_5_vl``): Qwen2-VL's layouts and positions, plus the ViT's window order.
 
 Qwen2.5-VL's ViT reorders the 2x2 merge groups into attention windows before its blocks
-(``get_vision_window_index``) and un-permutes the merger output with ``argsort(window_index)``. VisionZip
+(``get_vision_window_index``) and un-permutes the merger output with ``argsort(window_index)``. One-layer
 scores taken from the last block are in window order, so they are un-permuted the same way before they
 are matched with LLM tokens. Video temporal positions are spaced by ``second_per_grid_ts`` and
 ``tokens_per_second`` inside ``get_rope_index``; the adapter passes ``second_per_grid_ts`` through.

@@ -33,7 +33,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
     def select_width(self, inner) -> int:
         return inner.config.vision_config.out_hidden_size
 
-    def encoder_output(self, inner, features: list[Tensor]):
+    def encoder_output(self, inner, modality: str, features: list[Tensor]):
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
         width = self.select_width(inner)

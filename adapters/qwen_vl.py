@@ -15,15 +15,15 @@ the shortened sequence explicit position ids, so the model never recomputes them
 - ``positions="compact"``: the attended tokens are renumbered 0, 1, 2, ... in sequence order, the same
   number on the t, h and w axes (and on generate's text row), i.e. the kept visual tokens become 1-D
   positions like text and lose their 2-D / temporal rotary structure; decoding continues at the reduced
-  length. This is what renumbering implementations of DivPrune / VisionZip on LLaVA do, applied to M-RoPE.
+  length. This is what the renumbering LLaVA implementations of pre-LLM pruning do, applied to M-RoPE.
 
 Every decode step gets explicit positions of the same policy. ``model.model.rope_deltas`` (cached on the
 model between calls) is reset after a reduced prefill to ``next position - reduced length`` per sample,
 so that the model's own fallback (``arange(cache length) + rope_deltas``) also continues correctly and no
 stale deltas of an earlier prompt survive. ``mm_token_type_ids`` is shrunk in lockstep with the ids.
 
-Stages: ``pre_llm`` reduces the merged tokens; ``vision`` runs VisionZip on merged tokens with scores from
-the last ViT block (attention received, from q / k in chunks per image, averaged over each 2x2 merge
+Stages: ``pre_llm`` reduces the merged tokens; ``vision`` runs a one-layer scoring reducer
+(:class:`~tokreduce.stages.LayerScore`) on merged tokens with scores from the last ViT block (attention received, from q / k in chunks per image, averaged over each 2x2 merge
 group, Qwen2.5-VL's window order undone); ``llm`` / ``decode`` as in :mod:`tokreduce.adapters.llm`.
 Qwen3-VL's deepstack features are reduced with the same selection (see ``qwen3_vl.py``).
 """
@@ -36,9 +36,12 @@ import torch
 from torch import Tensor
 
 from tokreduce.context import Timer
+from tokreduce.stages import LayerScore
 
 from . import compat
-from .base import Hooks, ItemLayout, Session, VLMAdapter, grid_piece, item_positions, stage_of
+from .base import VLMAdapter
+from .layout import ItemLayout, grid_piece, item_positions
+from .session import Session
 
 GRID_KEYS = {"image": "image_grid_thw", "video": "video_grid_thw"}
 PIXEL_KEYS = {"image": "pixel_values", "video": "pixel_values_videos"}
@@ -137,7 +140,7 @@ class QwenVLAdapter(VLMAdapter):
         """Per-item (L_i, C') tensors of an encoder output (Qwen3-VL appends its deepstack channels)."""
         return list(output.pooler_output)
 
-    def encoder_output(self, inner, features: list[Tensor]):
+    def encoder_output(self, inner, modality: str, features: list[Tensor]):
         """The encoder output the model's forward takes as ``mm_encoder_outputs[modality]``."""
         return compat.encoder_output(features)
 
@@ -145,38 +148,35 @@ class QwenVLAdapter(VLMAdapter):
         """Channels the reducers select on (None = all)."""
         return None
 
-    def check_layer(self, model, layer: int, reducer) -> None:
-        """Refuse in-LLM pruning the family cannot follow (Qwen3-VL: pruning below the deepstack depth)."""
-
     def vision_window_order(self, visual, grid_thw: Tensor) -> Tensor | None:
         """Merge-unit order of the ViT's hidden states (Qwen2.5-VL's window index), None for plain order."""
         return None
 
-    def attach(self, model, reducer, state, handles: list) -> None:
-        from .llm import DecodePruning, LayerPruning
+    def session(self, model, reducer, state) -> Session:
+        return QwenSession(self, model, reducer, state)
 
-        stage = stage_of(reducer)
-        session = QwenSession(self, model, reducer, state)
-        hooks = Hooks(handles)
-        session.watch(hooks)
-        if stage == "vision":
-            if reducer.name != "visionzip" and not session.all_identity_knobs():
-                raise ValueError(
-                    f"{reducer.name} with stage 'vision' is not supported for model_type {model.config.model_type!r} "
-                    "(the Qwen ViT packs images and windows and merges 2x2 patches); use stage 'pre_llm', e.g. "
-                    "tokreduce.ToMe(keep=..., stage='pre_llm'), or tokreduce.VisionZip (merged tokens, ViT scores)"
-                )
-            if reducer.name == "visionzip":
-                ViTScores(session).attach(hooks)
-        elif stage == "llm":
-            self.check_layer(model, reducer.layer, reducer)
-            LayerPruning(session, self.language_model(model)).attach(hooks)
-        if reducer.name == "dycoke" and session.decode_active():
-            DecodePruning(session, self.language_model(model)).attach(hooks)
+    def attach_encoder(self, model, reducer, mode, state, session, hooks):
+        """Vision stage: one-layer scoring from the last ViT block, applied to the merged tokens before the LLM."""
+        if not isinstance(mode, LayerScore):
+            raise ValueError(
+                f"{reducer.name} with stage 'vision' is not supported for model_type {model.config.model_type!r} "
+                "(the Qwen ViT packs images and windows and merges 2x2 patches, so tokens cannot be merged inside "
+                f"it); use stage 'pre_llm', e.g. {type(reducer).__name__}(keep=..., stage='pre_llm'), or a reducer "
+                f"that scores one encoder layer ({encoder_scorers()}: merged tokens, ViT scores)"
+            )
+        ViTScores(session).attach(hooks)
+        return session
+
+
+def encoder_scorers() -> list[str]:
+    """Registered reducers that score tokens with one encoder layer (for error messages)."""
+    from tokreduce.registry import list_reducers, reducer_class
+
+    return [name for name in list_reducers() if isinstance(reducer_class(name)().in_encoder(), LayerScore)]
 
 
 class ViTScores:
-    """Hooks that record VisionZip scores of every ViT call: per merged token, attention received and keys."""
+    """Hooks that record one-layer scores of every ViT call: per merged token, attention received and keys."""
 
     def __init__(self, session):
         self.session = session
@@ -217,11 +217,6 @@ class QwenSession(Session):
         super().__init__(*args)
         self.vision_records: list = []  # (scores, metric) per ViT call, in call order (images, then videos)
 
-    def all_identity_knobs(self) -> bool:
-        from .vision import vision_is_identity
-
-        return vision_is_identity(self.reducer)
-
     # -- prefill ------------------------------------------------------------------------------------------
     def prefill(self, kw: dict, cache):
         ids = kw.get("input_ids")
@@ -235,13 +230,9 @@ class QwenSession(Session):
         self.vision_records.clear()
         if out is None:  # nothing reduced: the model computes the same positions (and rope_deltas) itself
             if self.run is not None:  # for in-LLM pruning, which needs the M-RoPE positions of every token
-                self.run.extra["rope_positions"] = rope
+                self.run.rope_positions = rope
             return None
         args, new = out
-        new["mm_encoder_outputs"] = {
-            m: self.adapter.encoder_output(self.inner, list(o.pooler_output))
-            for m, o in new["mm_encoder_outputs"].items()
-        }
         pos = new["position_ids"]
         nxt = pos[-3:, :, -1] + 1  # (3, B) next M-RoPE position under the policy
         self.inner.rope_deltas = (nxt[0] - pos.shape[-1])[:, None]
@@ -285,19 +276,21 @@ class QwenSession(Session):
 
     def reduce_options(self, features: dict[str, list[Tensor]]) -> dict:
         options = {"width": self.adapter.select_width(self.inner)}
-        if self.stage == "vision" and self.reducer.name == "visionzip":
+        if self.stage == "vision" and isinstance(self.reducer.in_encoder(), LayerScore):
             options["side"] = self.vision_side(features)
         return options
 
     def vision_side(self, features: dict[str, list[Tensor]]) -> dict:
-        """VisionZip scores and metric per item, from the ViT calls of this prompt (images first, then videos)."""
+        """Encoder scores and metric per item, from the ViT calls of this prompt (images first, then videos)."""
         records = list(self.vision_records)
         side = {"attention": {}, "metric": {}}
         for modality in ("image", "video"):
             if modality not in features:
                 continue
             if not records:
-                raise ValueError("visionzip: no ViT scores were recorded for this prompt (was the vision tower run?)")
+                raise ValueError(
+                    f"{self.reducer.name}: no ViT scores were recorded for this prompt (was the vision tower run?)"
+                )
             scores, metric = records.pop(0)
             side["attention"][modality], side["metric"][modality] = list(scores), list(metric)
         self.state.extra["vit_attention"] = side["attention"]  # per item (L_i,), for overlays and checks
@@ -307,7 +300,7 @@ class QwenSession(Session):
     def decode_step(self, kw: dict, cache):
         out = super().decode_step(kw, cache)
         run = self.run
-        pos = None if run is None else run.extra.get("decode_positions")
+        pos = None if run is None else run.step_positions
         if pos is not None and pos.dim() == 3 and pos.shape[0] == 4:  # generate's text row + M-RoPE rows
-            run.extra["decode_positions"] = pos[1:]
+            run.step_positions = pos[1:]
         return out

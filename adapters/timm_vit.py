@@ -1,15 +1,15 @@
-"""timm VisionTransformer adapter: ToMe in every block, or VisionZip at one block.
+"""timm VisionTransformer adapter: merging in every block, or scoring at one block (:mod:`tokreduce.stages`).
 
 Works on ``timm.models.vision_transformer.VisionTransformer`` and its subclasses (DeiT, DeiT-distilled,
 register-token ViTs) whose blocks are timm ``Block`` with timm ``Attention``. Prefix tokens
 (``model.num_prefix_tokens``: class, distillation and register tokens) are never merged or pruned.
 
-``tokreduce.wrap(vit, "tome", r=16)`` needs no ``stage``: a plain ViT has no language model, so ToMe's
-default ``stage="pre_llm"`` and ``stage="vision"`` both mean "inside the encoder" here. Keys for ToMe's
-metric and VisionZip's score come from the block's own qkv projection; the block keeps the attention
-implementation it was configured with (``attn.fused_attn``: SDPA with an additive bias, else the explicit
-softmax). Pooling is left as is: ``global_pool="token"`` reads the CLS token, ``"avg"`` averages the
-remaining tokens without size weights (as ToMe's timm patch does).
+A reducer needs no ``stage`` here: a plain ViT has no language model, so every stage means "inside the
+encoder", as the reducer's ``in_encoder`` declares. Keys for the merge metric and the scores come from the
+block's own qkv projection; the block keeps the attention implementation it was configured with
+(``attn.fused_attn``: SDPA with an additive bias, else the explicit softmax). Pooling is left as is:
+``global_pool="token"`` reads the CLS token, ``"avg"`` averages the remaining tokens without size weights
+(as the reference timm patch of token merging does).
 
 timm is never imported unless a timm model is passed (``matches`` looks in ``sys.modules``).
 """
@@ -29,6 +29,7 @@ class TimmViTAdapter:
 
     model_types: tuple[str, ...] = ()
     description = "timm VisionTransformer"
+    encoder_only = True
 
     def matches(self, model) -> bool:
         module = sys.modules.get("timm.models.vision_transformer")
@@ -46,8 +47,13 @@ class TimmViTAdapter:
             grid=tuple(grid) if grid is not None else None,
         )
 
+    def attach_encoder(self, model, reducer, mode, state, hooks) -> None:
+        attach(self.encoder(model), reducer, mode, state, hooks.handles)
+
     def attach(self, model, reducer, state, handles: list) -> None:
-        attach(self.encoder(model), reducer, state, handles)
+        from .dispatch import attach as dispatch
+
+        dispatch(self, model, reducer, state, handles)
 
 
 def _block_parts(block: nn.Module) -> BlockParts:

@@ -1,7 +1,10 @@
-"""Shared machinery of the plain-ViT adapters (timm, open_clip): ToMe and VisionZip inside the blocks.
+"""Shared machinery of the encoder adapters (timm, open_clip ViTs; the LLaVA towers): reducers inside the blocks.
 
-A family adapter describes each block as :class:`BlockParts` (its attention branch returning q and k, its
-MLP branch, its untouched forward); the functions here replace each block's ``forward`` on the instance
+Two kinds of methods work inside an encoder (:mod:`tokreduce.stages`): :class:`~tokreduce.stages.BlockMerge`
+merges a few tokens in every block between attention and MLP, with proportional attention (log size added
+to the logits); :class:`~tokreduce.stages.LayerScore` scores the tokens with one block's attention and keys
+and reduces them there. A family adapter describes each block as :class:`BlockParts` (its attention branch
+returning q and k, its MLP branch, its untouched forward); the functions here replace each block's ``forward`` on the instance
 (``del``-restored by the handle, nothing patched at import, no ``__class__`` swap) and carry per-forward
 state from block to block: token sizes, the composed :class:`~tokreduce.Selection` (the source map for
 overlays) and the token count after every block.
@@ -11,7 +14,7 @@ What a wrapped encoder records in :class:`~tokreduce.ReductionState` after each 
 - ``selections[b][0]``: one :class:`~tokreduce.SpanSelection` over the patch tokens of sample ``b`` (prefix
   tokens such as CLS and registers are always kept and left out of it), ``stage="vision"``.
 - ``extra["source"]``: (B, N_in) long, the output token each input token (prefix included) ended up in;
-  ``source_matrix`` turns it into ToMe's dense (B, N_out, N_in) map.
+  ``source_matrix`` turns it into the dense (B, N_out, N_in) source map.
 - ``extra["size"]``: (B, N_out, 1) float32 original tokens behind each output token.
 - ``extra["tokens_per_layer"]``: tokens leaving each block; ``extra["num_prefix_tokens"]``: P.
 """
@@ -27,9 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokreduce.context import ReductionState, SpanSelection, Timer, TokenContext
-from tokreduce.methods.tome import ToMeReducer, bipartite_soft_matching, parse_r
-from tokreduce.methods.visionzip import VisionZipReducer
-from tokreduce.selection import Selection, budget, keeps_all
+from tokreduce.selection import Selection
+from tokreduce.stages import BlockMerge, LayerScore
 
 # attention(x (B, N, C), bias (B, 1, 1, N) float32 or None) -> (residual branch (B, N, C), q, k (B, H, N, D));
 # the block's logits are scale * q @ k^T + bias.
@@ -38,7 +40,7 @@ AttentionFn = Callable[[Tensor, "Tensor | None"], "tuple[Tensor, Tensor, Tensor]
 
 @dataclass
 class BlockParts:
-    """One pre-norm transformer block split at the point where ToMe merges.
+    """One pre-norm transformer block split at the point where block-merging methods merge.
 
     Attributes:
         attention: ``x -> (x_attn, q, k)``, the whole attention residual branch (norm, attention with an
@@ -63,7 +65,7 @@ class Encoder:
         blocks: the transformer blocks, in order.
         parts: block -> BlockParts; raises ValueError for a block it cannot split.
         protected: leading prefix tokens (CLS, registers, distillation token) never merged or pruned.
-        has_cls: whether token 0 is a class token (VisionZip scores by its attention row).
+        has_cls: whether token 0 is a class token (one-layer scoring then uses its attention row).
         grid: (h, w) patch grid at the configured image size, or None.
         batch_first: False when the blocks see (N, B, C) (old open_clip configs).
     """
@@ -106,68 +108,35 @@ class _Run:
     counts: list[int] = field(default_factory=list)
 
 
-def attach(encoder: Encoder, reducer, state: ReductionState, handles: list) -> None:
-    """Attach ``reducer`` (ToMe or VisionZip) to every block of ``encoder``; handles go into ``handles``."""
-    if isinstance(reducer, ToMeReducer):
-        # A plain ViT has no LLM, so both of ToMe's stages mean "inside the encoder".
-        _attach_tome(encoder, reducer, state, handles)
-    elif isinstance(reducer, VisionZipReducer):
-        _attach_visionzip(encoder, reducer, state, handles)
+def attach(encoder: Encoder, reducer, mode: BlockMerge | LayerScore, state: ReductionState, handles: list) -> None:
+    """Attach ``reducer`` to ``encoder`` as its ``mode`` declares; every handle goes into ``handles``."""
+    if isinstance(mode, BlockMerge):
+        _attach_block_merge(encoder, mode, state, handles)
     else:
-        raise ValueError(
-            f"{encoder.name} supports the vision-stage reducers 'tome' and 'visionzip', got {reducer.name!r} "
-            f"({type(reducer).__name__}); reducers acting before or inside a language model need a VLM"
-        )
+        _attach_layer_score(encoder, reducer, mode, state, handles)
 
 
-# -- ToMe -------------------------------------------------------------------------------------------------
+# -- merging in every block -------------------------------------------------------------------------------
 
 
-def tome_schedule(reducer: ToMeReducer, n: int, protected: int, num_layers: int) -> list[int]:
-    """Tokens merged in each block for an input of ``n`` tokens.
-
-    ``r`` (int, per-layer list or (r, inflection)) is ToMe's own knob. ``keep`` (tokens left after the last
-    block, prefix not counted) is accepted instead of ``r`` and spread as evenly as the halving limit of one
-    bipartite step allows. Each entry is clamped to what that block can merge, as ToMe does.
-    """
-    schedule = parse_r(reducer.r, num_layers)
-    if budget(n - protected, reducer.keep) < n - protected:
-        remaining = n - protected - budget(n - protected, reducer.keep)
-        schedule = []
-        for i in range(num_layers):
-            schedule.append(math.ceil(remaining / (num_layers - i)))
-            remaining -= schedule[-1]
-    clamped, current = [], n
-    for r in schedule:
-        clamped.append(max(0, min(r, (current - protected) // 2)))
-        current -= clamped[-1]
-    return clamped
-
-
-def _attach_tome(encoder: Encoder, reducer: ToMeReducer, state: ReductionState, handles: list) -> None:
-    protected = max(encoder.protected, reducer.protected)
+def _attach_block_merge(encoder: Encoder, mode: BlockMerge, state: ReductionState, handles: list) -> None:
+    protected = max(encoder.protected, mode.protected)
     num_layers = len(encoder.blocks)
-    # Checked at wrap time rather than at the first forward: a wrong-length r list, or both budgets set.
-    schedule = parse_r(reducer.r, num_layers)
-    if not keeps_all(reducer.keep) and any(r > 0 for r in schedule):
-        raise ValueError(
-            f"tome on a ViT: set r (tokens merged per block) or keep (patch tokens left at the end), not both; "
-            f"got r={reducer.r!r}, keep={reducer.keep!r}"
-        )
+    mode.check(num_layers)  # at wrap time rather than at the first forward
     run = _Run()
 
     def make_forward(i: int, parts: BlockParts):
         def forward(x: Tensor, *args, **kwargs) -> Tensor:
             if i == 0:
                 _start(run, state, x, encoder.batch_first)
-                run.schedule = tome_schedule(reducer, run.n_in, protected, num_layers)
+                run.schedule = mode.schedule(run.n_in, protected, num_layers)
             r = run.schedule[i] if run.schedule else 0
             if run.size is None and r == 0:
                 # Nothing merged so far and nothing to merge here: the untouched block (bit-exact at r=0).
                 out = parts.original(x, *args, **kwargs)
             else:
                 _check_plain_call(encoder, args, kwargs)
-                out = _tome_block(_to_bnc(x, encoder), parts, r, protected, run, state)
+                out = merge_block(_to_bnc(x, encoder), parts, r, protected, run, state, mode)
                 out = _from_bnc(out, encoder)
             run.counts.append(_to_bnc(out, encoder).shape[1])
             if i == num_layers - 1:
@@ -182,14 +151,16 @@ def _attach_tome(encoder: Encoder, reducer: ToMeReducer, state: ReductionState, 
         handles.append(InstanceForward(block, make_forward(i, parts)))
 
 
-def _tome_block(x: Tensor, parts: BlockParts, r: int, protected: int, run: _Run, state: ReductionState) -> Tensor:
-    """One ToMe block on (B, N, C): attention with proportional bias, merge r tokens, MLP."""
+def merge_block(
+    x: Tensor, parts: BlockParts, r: int, protected: int, run: _Run, state: ReductionState, mode: BlockMerge
+) -> Tensor:
+    """One merging block on (B, N, C): attention with proportional bias, merge r tokens, MLP."""
     x_attn, _, k = parts.attention(x, size_bias(run.size))
     x = x + x_attn
     if r > 0:
         with Timer(state):
-            # ToMe's metric: the block's keys averaged over heads.
-            selection = bipartite_soft_matching(k.mean(dim=1), r, protected)
+            # the metric: the block's keys averaged over heads
+            selection = mode.match(k.mean(dim=1), r, protected)
             x = selection.merge(x, run.size)
             run.size = selection.sizes(run.size)
             # The composed selection is the source map (which original patches each token stands for).
@@ -198,7 +169,7 @@ def _tome_block(x: Tensor, parts: BlockParts, r: int, protected: int, run: _Run,
 
 
 def size_bias(size: Tensor | None) -> Tensor | None:
-    """ToMe's proportional attention: (B, N, 1) sizes -> (B, 1, 1, N) float32 logit bias log(size), or None.
+    """Proportional attention: (B, N, 1) sizes -> (B, 1, 1, N) float32 logit bias log(size), or None.
 
     The attention functions cast it to the query's dtype (SDPA wants a float mask in q's dtype, which under
     autocast differs from the residual stream's).
@@ -217,17 +188,17 @@ def _ones(x: Tensor, n: int) -> Tensor:
     return torch.ones(x.shape[0], n, 1, device=x.device, dtype=torch.float32)
 
 
-# -- VisionZip --------------------------------------------------------------------------------------------
+# -- scoring with one block -------------------------------------------------------------------------------
 
 
-def _attach_visionzip(encoder: Encoder, reducer: VisionZipReducer, state: ReductionState, handles: list) -> None:
+def _attach_layer_score(encoder: Encoder, reducer, mode: LayerScore, state: ReductionState, handles: list) -> None:
     num_layers = len(encoder.blocks)
-    # NOTE: VisionZipReducer may not declare ``layer``; then the paper's LLaVA setting, the penultimate block.
-    layer = getattr(reducer, "layer", None)
-    layer = -2 if layer is None else layer
+    # A plain ViT's head reads its last block, so "the layer whose output is used" is taken as the penultimate
+    # block (the setting of the LLaVA towers these methods were made for).
+    layer = -2 if mode.layer is None else mode.layer
     if isinstance(layer, bool) or not isinstance(layer, int) or not -num_layers <= layer < num_layers:
         raise ValueError(
-            f"visionzip layer must be an int in [{-num_layers}, {num_layers - 1}] for this {encoder.name} "
+            f"{reducer.name} layer must be an int in [{-num_layers}, {num_layers - 1}] for this {encoder.name} "
             f"with {num_layers} blocks, got {layer!r}"
         )
     layer %= num_layers
@@ -266,7 +237,7 @@ def _attach_visionzip(encoder: Encoder, reducer: VisionZipReducer, state: Reduct
 
 
 def received_attention(q: Tensor, k: Tensor, scale: float, has_cls: bool) -> Tensor:
-    """VisionZip's score from the block's q and k, both (B, H, N, D), and its logit scale -> (B, N) float32.
+    """A block's token scores (``LayerScore``) from its q and k, both (B, H, N, D), and logit scale -> (B, N) float32.
 
     With a class token: the CLS query's post-softmax attention row, summed over heads. Without one: the
     attention each token receives, summed over queries and averaged over heads. Softmax runs in float32.
@@ -324,7 +295,7 @@ def _record(run: _Run, state: ReductionState, encoder: Encoder, p: int) -> None:
 
 
 def source_matrix(source: Tensor, num_out: int | None = None) -> Tensor:
-    """ToMe's dense source map: (B, N_in) output slot per input token -> (B, N_out, N_in) bool."""
+    """The dense source map: (B, N_in) output slot per input token -> (B, N_out, N_in) bool."""
     num_out = int(source.max()) + 1 if num_out is None else num_out
     return F.one_hot(source.clamp(min=0), num_out).transpose(1, 2).bool() & (source >= 0).unsqueeze(1)
 

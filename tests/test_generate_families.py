@@ -13,7 +13,7 @@ from conftest import IMAGE_TOKEN, VIDEO_TOKEN, anyres_inputs, build, llava_input
 
 import tokreduce
 from tokreduce.adapters import get_adapter
-from tokreduce.adapters.base import plan_spans
+from tokreduce.adapters.layout import plan_spans
 
 FAMILIES = ["llava", "llava_next", "llava_onevision", "llava_next_video"]
 K = 2

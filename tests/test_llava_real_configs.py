@@ -14,7 +14,8 @@ import torch
 
 import tokreduce
 from tokreduce.adapters import get_adapter
-from tokreduce.adapters.base import Session, plan_spans
+from tokreduce.adapters.layout import plan_spans
+from tokreduce.adapters.session import Session
 
 CONFIGS = Path(__file__).parent / "resources" / "configs"
 SIZE = [500, 800]  # (h, w) of a test image: anyres picks a 1x2 / 2x2 grid depending on the pinpoints

@@ -6,7 +6,7 @@ from conftest import IMAGE_TOKEN, VIDEO_TOKEN, anyres_inputs, build, llava_input
 
 import tokreduce
 from tokreduce.adapters.compat import encoder_output
-from tokreduce.adapters.vision import layer_scores
+from tokreduce.adapters.tower import layer_scores
 
 FAMILIES = ["llava", "llava_next", "llava_onevision", "llava_next_video"]
 # greedy decoding that never emits placeholder ids (a random model may, and they would read as visual tokens)
@@ -191,7 +191,7 @@ def test_tome_merging_identical_patches_is_the_identity():
         ref = model.model.get_image_features(pixel_values=pixels).pooler_output
         with tome(r=3)(model):
             got = model.model.get_image_features(pixel_values=pixels).pooler_output
-            assert session_of(model).records["image"].tome.num_kept == 17 - 6
+            assert session_of(model).records["image"].merged.num_kept == 17 - 6
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 

@@ -15,7 +15,7 @@ from conftest import qwen_prompt
 
 import tokreduce
 from tokreduce.adapters import get_adapter
-from tokreduce.adapters.base import plan_spans
+from tokreduce.adapters.layout import plan_spans
 from tokreduce.adapters.qwen_vl import QwenSession, grids_from_positions
 
 CONFIGS = Path(__file__).parent / "resources" / "configs"
@@ -85,7 +85,7 @@ def test_layouts_spans_positions_and_budgets_on_meta(name):
     # the prefill bookkeeping (llm stage: no forward) computes the full M-RoPE positions with get_rope_index
     session = QwenSession(adapter, model, tokreduce.FastV(keep=0.5, layer=4), tokreduce.ReductionState())
     session.prefill({"input_ids": ids, "mm_token_type_ids": mm_types, **kw}, None)
-    rope = session.run.extra["rope_positions"]
+    rope = session.run.rope_positions
     assert rope.shape == (3, 2, ids.shape[1]) and rope.device.type == "cpu"
     assert int(session.run.visual.sum()) == n_image + n_video
     # generate pops the grid sizes; the adapter recovers them from the positions

@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from .context import ReductionState, TokenContext
-from .selection import Selection, budget
+from .selection import Selection, budget, keeps_all
+from .stages import BlockMerge, DecodePolicy, LayerPrune, LayerScore
 
-STAGES = ("vision", "pre_llm", "llm", "decode")
 POSITION_POLICIES = ("original", "compact")
 
 
@@ -59,7 +59,9 @@ class Reducer:
             model.generate(**inputs)
 
     Subclasses implement ``_select(tokens, k, ctx)``; the base handles validation, the budget and the
-    identity shortcut.
+    identity shortcut. Where a method acts besides choosing among the tokens handed to ``select`` it says so
+    with the declarations of :mod:`tokreduce.stages` (``in_llm``, ``in_encoder``, ``decode_policy``), which
+    the model adapters serve without knowing the method.
 
     Args:
         keep: visual tokens kept per span: a fraction in (0, 1] (``max(1, round(keep * N))``) or a count
@@ -77,6 +79,23 @@ class Reducer:
         check_keep(self.keep)
         if self.positions not in POSITION_POLICIES:
             raise ValueError(f"positions must be one of {POSITION_POLICIES}, got {self.positions!r}")
+
+    # -- what the adapters serve (tokreduce.stages) ----------------------------------------------------------
+    def in_llm(self) -> LayerPrune | None:
+        """Stage "llm": the decoder layer to prune at and the states the selection needs there."""
+        return None
+
+    def in_encoder(self) -> BlockMerge | LayerScore | None:
+        """Stage "vision" (and any stage of a plain ViT): how the method works inside the encoder."""
+        return None
+
+    def decode_policy(self) -> DecodePolicy | None:
+        """A KV-cache policy applied at every decode step after the prefill, or None."""
+        return None
+
+    def is_identity(self) -> bool:
+        """True when the knobs leave every token in place (adapters then change nothing)."""
+        return keeps_all(self.keep)
 
     # -- tensor level -------------------------------------------------------------------------------------
     def num_kept(self, n: int, grid: tuple[int, int, int] | None = None) -> int:

@@ -13,6 +13,7 @@ from ..context import TokenContext
 from ..registry import register_reducer
 from ..selection import Selection
 from ..similarity import normalize
+from ..stages import LayerPrune
 
 
 def dart(
@@ -105,6 +106,9 @@ class DARTReducer(Reducer):
         check_range("layer", self.layer, 1, 1024, integer=True)
         check_range("pivot_image", self.pivot_image, 0, 4096, integer=True)
         check_range("pivot_text", self.pivot_text, 0, 4096, integer=True)
+
+    def in_llm(self) -> LayerPrune:
+        return LayerPrune(layer=self.layer, queries=0, keys=True)
 
     def _select(self, tokens: Tensor, k: int, ctx: TokenContext) -> Selection:
         keys = ctx.keys if ctx.keys is not None else tokens

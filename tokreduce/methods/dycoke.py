@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -11,8 +12,9 @@ from torch import Tensor
 from ..base import Reducer, check_range, top_k_sorted
 from ..context import TokenContext
 from ..registry import register_reducer
-from ..selection import Selection
+from ..selection import Selection, keeps_all
 from ..similarity import aligned_cosine
+from ..stages import DecodePolicy
 
 
 def dycoke_keep_mask(frames: Tensor, merging_ratio: float) -> Tensor:
@@ -56,7 +58,9 @@ def dycoke_ttm(frames: Tensor, merging_ratio: float) -> tuple[Tensor, Tensor]:
     return frames.flatten(0, 1)[index], index
 
 
-def dycoke_kv_select(attention: Tensor, previous: Tensor | None, prune_ratio: float, threshold: float = 0.9) -> Tensor | None:
+def dycoke_kv_select(
+    attention: Tensor, previous: Tensor | None, prune_ratio: float, threshold: float = 0.9
+) -> Tensor | None:
     """DyCoke stage 2 decision for one decode step.
 
     Args:
@@ -119,6 +123,13 @@ class DyCokeReducer(Reducer):
         check_range("prune_layer", self.prune_layer, 1, 1024, integer=True)
         check_range("prune_ratio", self.prune_ratio, 0.0, 1.0)
         check_range("threshold", self.threshold, -1.0, 1.0)
+
+    def decode_policy(self) -> DecodePolicy | None:
+        """Stage 2, unless disabled (``prune_ratio=0``) or the whole reducer is the identity."""
+        if self.prune_ratio <= 0 or (keeps_all(self.keep) and self.merging_ratio is None):
+            return None
+        select = functools.partial(dycoke_kv_select, prune_ratio=self.prune_ratio, threshold=self.threshold)
+        return DecodePolicy(layer=self.prune_layer, select=select, knob="prune_layer")
 
     def ratio(self, n: int) -> float:
         if self.merging_ratio is not None:

@@ -10,6 +10,7 @@ from torch import Tensor
 from ..base import ScoreReducer, check_range
 from ..context import TokenContext
 from ..registry import register_reducer
+from ..stages import LayerPrune
 
 
 @register_reducer("fastv")
@@ -36,6 +37,9 @@ class FastVReducer(ScoreReducer):
     def __post_init__(self):
         super().__post_init__()
         check_range("layer", self.layer, 1, 1024, integer=True)
+
+    def in_llm(self) -> LayerPrune:
+        return LayerPrune(layer=self.layer, queries=1)
 
     def score(self, tokens: Tensor, ctx: TokenContext) -> Tensor:
         return ctx.require("attention", self.name)

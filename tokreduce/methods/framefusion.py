@@ -13,6 +13,7 @@ from ..context import TokenContext
 from ..registry import register_reducer
 from ..selection import Selection
 from ..similarity import aligned_cosine
+from ..stages import LayerPrune
 
 
 def frame_merge(
@@ -86,6 +87,9 @@ class FrameFusionReducer(Reducer):
         check_range("layer", self.layer, 1, 1024, integer=True)
         check_range("queries", self.queries, 1, 4096, integer=True)
 
+    def in_llm(self) -> LayerPrune:
+        return LayerPrune(layer=self.layer, queries=self.queries)
+
     def _select(self, tokens: Tensor, k: int, ctx: TokenContext) -> Selection:
         b, n, _ = tokens.shape
         attention = ctx.require("attention", self.name).float()
@@ -96,7 +100,9 @@ class FrameFusionReducer(Reducer):
             if merged.num_kept > k:
                 # importance of a merged token = summed importance of its members
                 groups = merged.groups()
-                score = torch.zeros(1, merged.num_kept, device=tokens.device).scatter_add_(1, groups, attention[row : row + 1])
+                score = torch.zeros(1, merged.num_kept, device=tokens.device).scatter_add_(
+                    1, groups, attention[row : row + 1]
+                )
                 merged = merged.compose(Selection(index=top_k_sorted(score, k), num_tokens=merged.num_kept))
             selections.append(merged)
         index = torch.cat([s.index for s in selections])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -11,8 +12,9 @@ from torch import Tensor
 from ..base import Reducer, check_range
 from ..context import TokenContext
 from ..registry import register_reducer
-from ..selection import Selection
+from ..selection import Selection, budget, keeps_all
 from ..similarity import cosine_max
+from ..stages import BlockMerge
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, protected: int = 0) -> Selection:
@@ -131,6 +133,46 @@ class ToMeReducer(Reducer):
         values = self.r if isinstance(self.r, (list, tuple)) else [self.r]
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < -1 for v in values):
             raise ValueError(f"r must be an int >= 0, a list of them, or (r, inflection), got {self.r!r}")
+
+    def in_encoder(self) -> BlockMerge:
+        """Inside an encoder: ``r`` (or ``keep``) tokens merged per block by bipartite soft matching."""
+        return BlockMerge(
+            protected=self.protected, schedule=self.schedule, match=bipartite_soft_matching, check=self.check_blocks
+        )
+
+    def is_identity(self) -> bool:
+        values = self.r if isinstance(self.r, (list, tuple)) else [self.r]
+        return keeps_all(self.keep) and all(v <= 0 for v in values if not isinstance(v, float))
+
+    def check_blocks(self, num_blocks: int) -> None:
+        """Refuse, at wrap time, a wrong-length r list, or r and keep both set, for an encoder of ``num_blocks``."""
+        schedule = parse_r(self.r, num_blocks)
+        if not keeps_all(self.keep) and any(r > 0 for r in schedule):
+            raise ValueError(
+                f"tome in an encoder: set r (tokens merged per block, one entry per block up to the one whose "
+                f"output is used: {num_blocks}) or keep (patch tokens left after it), not both; got r={self.r!r}, "
+                f"keep={self.keep!r}"
+            )
+
+    def schedule(self, n: int, protected: int, num_blocks: int) -> list[int]:
+        """Tokens merged in each encoder block for an input of ``n`` tokens.
+
+        ``r`` (int, per-block list or (r, inflection)) is ToMe's own knob. ``keep`` (tokens left after the last
+        block, protected tokens not counted) is accepted instead of ``r`` and spread as evenly as the halving
+        limit of one bipartite step allows. Each entry is clamped to what that block can merge, as ToMe does.
+        """
+        schedule = parse_r(self.r, num_blocks)
+        if budget(n - protected, self.keep) < n - protected:
+            remaining = n - protected - budget(n - protected, self.keep)
+            schedule = []
+            for i in range(num_blocks):
+                schedule.append(math.ceil(remaining / (num_blocks - i)))
+                remaining -= schedule[-1]
+        clamped, current = [], n
+        for r in schedule:
+            clamped.append(max(0, min(r, (current - protected) // 2)))
+            current -= clamped[-1]
+        return clamped
 
     def num_kept(self, n: int, grid=None) -> int:
         protected = min(self.protected, n)

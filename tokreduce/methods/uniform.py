@@ -59,7 +59,9 @@ class UniformReducer(Reducer):
         b, n, _ = tokens.shape
         grid = ctx.grid or (1, 1, n)
         if grid[0] * grid[1] * grid[2] != n:
-            raise ValueError(f"uniform: grid {grid} has {grid[0] * grid[1] * grid[2]} cells but the span has {n} tokens")
+            raise ValueError(
+                f"uniform: grid {grid} has {grid[0] * grid[1] * grid[2]} cells but the span has {n} tokens"
+            )
         if ctx.protected:
             raise ValueError("uniform does not support protected tokens; reduce the patch tokens only")
         index = uniform_indices(grid, k).to(tokens.device)

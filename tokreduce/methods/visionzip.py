@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -11,8 +12,9 @@ from torch import Tensor
 from ..base import Reducer, check_range, top_k_sorted
 from ..context import TokenContext
 from ..registry import register_reducer
-from ..selection import Selection
+from ..selection import Selection, keeps_all
 from ..similarity import cosine_max
+from ..stages import LayerScore
 
 
 def split_budget(k: int) -> tuple[int, int]:
@@ -21,7 +23,9 @@ def split_budget(k: int) -> tuple[int, int]:
     return dominant, k - dominant
 
 
-def visionzip_select(attention: Tensor, metric: Tensor, dominant: int, contextual: int, protected: int = 0) -> Selection:
+def visionzip_select(
+    attention: Tensor, metric: Tensor, dominant: int, contextual: int, protected: int = 0
+) -> Selection:
     """VisionZip's choice as a Selection of N tokens (index ascending; assign maps joiners to their target).
 
     Args:
@@ -154,6 +158,18 @@ class VisionZipReducer(Reducer):
 
     def num_kept(self, n: int, grid=None) -> int:
         return sum(self.split(n))
+
+    def in_encoder(self) -> LayerScore:
+        """Scored by one encoder layer's attention (CLS row or attention received) and keys."""
+        return LayerScore(layer=self.layer, keep_cls=self.keep_cls, for_patches=self.for_patches)
+
+    def is_identity(self) -> bool:
+        return self.dominant is None and keeps_all(self.keep)
+
+    def for_patches(self, n: int) -> VisionZipReducer:
+        """This reducer with the split of ``n`` patches pinned (for inputs that carry a CLS token as well)."""
+        dominant, contextual = self.split(n)
+        return dataclasses.replace(self, keep=1.0, dominant=dominant, contextual=contextual)
 
     def _select(self, tokens: Tensor, k: int, ctx: TokenContext) -> Selection:
         attention = ctx.require("attention", self.name)

@@ -1,0 +1,172 @@
+"""Decode-time KV-cache policies (a :class:`~tokreduce.stages.DecodePolicy`): prune the cache while decoding.
+
+Hooks on the decoder layers only. At every decode step the current query's attention to the visual cache
+entries of layer L-1 goes to the policy's ``select``; layers >= L physically hold only the chosen visual
+entries between re-selections. The dropped entries are parked in a side store (on the CPU when the cache is
+on an accelerator) so a later re-selection can bring them back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tokreduce.context import Timer
+from tokreduce.similarity import attention_row
+from tokreduce.stages import DecodePolicy
+
+from . import compat
+from .llm import cached_keys, causal_mask, hidden_arg, query_states
+from .sequence import gather_seq, left_pad_index
+from .state import DecodeMemo
+
+
+class DecodePruning:
+    """A decode-time cache policy: from decoder layer L on, keep only the visual KV entries it chooses.
+
+    At each decode step the query's attention over layer L-1's cache (mean over heads, float32) restricted to
+    the prompt's visual entries goes to the policy's ``select`` with the attention at its last re-selection;
+    when it returns a new choice for any sample, the caches of layers >= L are rebuilt to hold exactly the
+    chosen visual entries of those samples (plus every text and generated entry).
+
+    Memory: layers >= L hold (1 - P) of the visual entries on the model's device. The other P are parked in
+    a side store so that a re-selection can bring them back; the store lives on the CPU when the cache is
+    on an accelerator (then the device memory of P * visual entries * (layers - L) is freed), and on the
+    same device otherwise (then nothing is freed overall; the saving is attention reads per step).
+    ``state.extra["decode"]`` reports re-selections, kept counts and the bytes moved off the device.
+    """
+
+    def __init__(self, session, lm, policy: DecodePolicy):
+        self.session = session
+        self.lm = lm
+        self.reducer = session.reducer
+        self.policy = policy
+        self.layer = policy.layer
+        if not 1 <= self.layer < len(lm.layers):
+            raise ValueError(
+                f"{self.reducer.name}: {policy.knob} must be in [1, {len(lm.layers) - 1}] for this model, got {self.layer}"
+            )
+
+    def attach(self, hooks) -> None:
+        layers = self.lm.layers
+        hooks.post(layers[self.layer - 1], self.score)
+        hooks.pre(layers[self.layer], self.at_layer_l)
+        for layer in layers[self.layer + 1 :]:
+            hooks.pre(layer, self.later_layer)
+
+    def decoding(self, kwargs):
+        run = self.session.run
+        cache = compat.cache_of(kwargs)
+        if run is None or not run.decoding or cache is not run.cache or run.visual is None:
+            return None
+        return run
+
+    def score(self, module, args, kwargs, output):
+        run = self.decoding(kwargs)
+        if run is None:
+            return None
+        hidden = hidden_arg(args, kwargs)
+        cos, sin = kwargs["position_embeddings"]
+        mask0 = run.mask0
+        with torch.no_grad():
+            query = query_states(module, hidden, cos, sin, 1)
+            keys = cached_keys(compat.cache_of(kwargs), self.layer - 1, mask0.shape[1])
+            if keys is None:
+                raise ValueError(
+                    f"{self.reducer.name}: decode-time cache pruning needs a dynamic KV cache (plain DynamicCache layers)"
+                )
+            row = attention_row(query, keys, module.self_attn.scaling, mask0.bool())  # (B, S)
+        if run.decode is None:
+            run.decode = DecodeMemo(previous=[None] * row.shape[0], chosen=[None] * row.shape[0])
+        memo = run.decode
+        prefill = run.visual.shape[1]
+        changed = False
+        for b in range(row.shape[0]):  # visual counts differ per sample; the work per sample is vectorised
+            visual = run.visual[b].nonzero().squeeze(-1)
+            if visual.numel() == 0:
+                continue
+            attention = row[b, visual][None]
+            pick = self.policy.select(attention, memo.previous[b])
+            if pick is not None:
+                memo.previous[b], memo.chosen[b], changed = attention, visual[pick[0]], True
+        memo.changed = changed
+        memo.prefill = prefill
+        return None
+
+    def at_layer_l(self, module, args, kwargs):
+        run = self.decoding(kwargs)
+        if run is None or run.decode is None:
+            return None
+        memo = run.decode
+        cache = compat.cache_of(kwargs)
+        if memo.changed:
+            memo.changed = False
+            with Timer(self.session.state):
+                self.rebuild(run, memo, cache)
+        hidden = hidden_arg(args, kwargs)
+        deep = torch.cat([memo.prefill_mask, run.mask0[:, memo.prefill :]], dim=1)
+        memo.layer_kwargs = {
+            "attention_mask": causal_mask(self.lm, hidden, deep, cache, kwargs["position_ids"], self.layer)
+        }
+        return args, {**kwargs, **memo.layer_kwargs}
+
+    def later_layer(self, module, args, kwargs):
+        run = self.decoding(kwargs)
+        if run is None or run.decode is None or run.decode.layer_kwargs is None:
+            return None
+        return args, {**kwargs, **run.decode.layer_kwargs}
+
+    def rebuild(self, run, memo: DecodeMemo, cache) -> None:
+        """Re-form the caches of layers >= L: non-visual prompt entries + chosen visual entries + generated."""
+        prefill = memo.prefill
+        keep = ~run.visual.clone()
+        for i, chosen in enumerate(memo.chosen):
+            if chosen is not None:
+                keep[i, chosen] = True
+            else:
+                keep[i] = True
+        index, valid = left_pad_index(keep)
+        drop_index, drop_valid = left_pad_index(~keep)
+        old = memo.live  # (index, valid) of the prompt slots layers >= L hold now, None = all of them
+        store = memo.store
+        moved = 0
+        for layer_idx in range(self.layer, len(self.lm.layers)):
+            layer = cache.layers[layer_idx]
+            held = old[0].shape[1] if old is not None else prefill
+            tensors = []
+            for name in ("keys", "values"):
+                live = getattr(layer, name)
+                full = self.full_prompt(live[:, :, :held], old, store.get((layer_idx, name)), memo.dropped, prefill)
+                tensors.append(torch.cat([full.gather(2, expand(index, full)), live[:, :, held:]], dim=2))
+                parked = full.gather(2, expand(drop_index, full))
+                device = "cpu" if live.is_cuda else live.device
+                store[(layer_idx, name)] = parked.to(device)
+                moved += parked.numel() * parked.element_size() if live.is_cuda else 0
+            layer.keys, layer.values = tensors
+        memo.live, memo.dropped = (index, valid), (drop_index, drop_valid)
+        memo.prefill_mask = (gather_seq(run.mask0[:, :prefill], index) * valid).to(run.mask0.dtype)
+        report = self.session.state.extra.setdefault("decode", {"reselections": 0})
+        report["reselections"] += 1
+        report["kept_visual"] = [int(c.numel()) if c is not None else None for c in memo.chosen]
+        report["visual"] = run.visual.sum(1).tolist()
+        report["bytes_off_device"] = moved
+        report["layers"] = list(range(self.layer, len(self.lm.layers)))
+
+    @staticmethod
+    def full_prompt(held: Tensor, live, parked: Tensor | None, dropped, prefill: int) -> Tensor:
+        """(B, Hk, S_prompt, D): the prompt's entries of one layer, reassembled from the held and parked ones."""
+        if live is None:
+            return held
+        bsz, heads, _, dim = held.shape
+        full = held.new_zeros(bsz, heads, prefill + 1, dim)  # slot ``prefill`` swallows the pad slots
+        index, valid = live
+        full.scatter_(2, expand(torch.where(valid, index, prefill), full), held)
+        if parked is not None:
+            index, valid = dropped
+            full.scatter_(2, expand(torch.where(valid, index, prefill), full), parked.to(held.device))
+        return full[:, :, :prefill]
+
+
+def expand(index: Tensor, like: Tensor) -> Tensor:
+    """(B, L) slot index -> (B, Hk, L, D) for gather / scatter along a KV tensor's sequence dim."""
+    return index[:, None, :, None].expand(like.shape[0], like.shape[1], index.shape[1], like.shape[3]).to(like.device)

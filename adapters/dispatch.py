@@ -1,0 +1,52 @@
+"""The one stage dispatch: which hooks a reducer gets, read from what it declares (:mod:`tokreduce.stages`).
+
+Every family goes through :func:`attach`: VLM adapters (LLaVA, Qwen-VL) and encoder-only adapters (timm and
+open_clip ViTs, which have no language model, so every stage means "inside the encoder"). Nothing here, or
+anywhere in the adapters, knows a method by name.
+"""
+
+from __future__ import annotations
+
+from .decode import DecodePruning
+from .llm import LayerPruning
+from .session import Hooks
+
+
+def encoder_methods() -> list[str]:
+    """Registered reducers that declare how they work inside an encoder (for error messages)."""
+    from tokreduce.registry import list_reducers, reducer_class
+
+    return [name for name in list_reducers() if reducer_class(name)().in_encoder() is not None]
+
+
+def attach(adapter, model, reducer, state, handles: list) -> None:
+    """Attach ``reducer`` to ``model`` through ``adapter``; every hook handle goes to ``handles``."""
+    hooks = Hooks(handles)
+    if getattr(adapter, "encoder_only", False):
+        mode = reducer.in_encoder()
+        if mode is None:
+            raise ValueError(
+                f"{adapter.description} supports reducers that work inside an encoder ({encoder_methods()}), got "
+                f"{reducer.name!r} ({type(reducer).__name__}); reducers acting before or inside a language model need a VLM"
+            )
+        adapter.attach_encoder(model, reducer, mode, state, hooks)
+        return
+    session = adapter.session(model, reducer, state)
+    if reducer.stage == "vision" and not reducer.is_identity():
+        mode = reducer.in_encoder()
+        if mode is None:
+            raise ValueError(
+                f"{reducer.name} has no vision stage for model_type {model.config.model_type!r}; use its default stage"
+            )
+        session = adapter.attach_encoder(model, reducer, mode, state, session, hooks)
+    session.watch(hooks)
+    lm = adapter.language_model(model)
+    if reducer.stage == "llm":
+        plan = reducer.in_llm()
+        if plan is None:
+            raise ValueError(f"{reducer.name} declares stage 'llm' but no decoder layer to prune at (in_llm)")
+        adapter.check_layer(model, plan.layer, reducer)
+        LayerPruning(session, lm, plan).attach(hooks)
+    policy = reducer.decode_policy()
+    if policy is not None:
+        DecodePruning(session, lm, policy).attach(hooks)

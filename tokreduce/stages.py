@@ -1,0 +1,99 @@
+"""What a method needs at each stage, declared by the method and served by the adapters.
+
+Adapters never ask which method they run; they read these declarations from the reducer:
+
+- ``reducer.stage``: where its selection is made ("vision", "pre_llm" or "llm");
+- :meth:`Reducer.in_llm` -> :class:`LayerPrune`: prune at the input of decoder layer K, with the inputs it
+  needs from the layers before (attention rows of the last queries, key and text states);
+- :meth:`Reducer.in_encoder` -> :class:`BlockMerge` (merge a few tokens in every encoder block) or
+  :class:`LayerScore` (score the tokens with one encoder layer's attention, then select);
+- :meth:`Reducer.decode_policy` -> :class:`DecodePolicy`: a decode-time KV-cache policy with its own select.
+
+A method that acts at two stages (DyCoke: pre-LLM merge, then a decode-time cache policy) declares both in
+its one file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .selection import Selection
+
+
+@dataclass(frozen=True)
+class LayerPrune:
+    """Prune visual tokens at the input of decoder layer ``layer`` (K); layers >= K see only the kept ones.
+
+    Attributes:
+        layer: K >= 1.
+        queries: last prompt tokens whose attention row at layer K-1 (post-softmax, float32, mean over heads and
+            queries) is handed over as ``TokenContext.attention``; 0 when the method needs no attention.
+        keys: hand over layer K's key states of the visual tokens and the hidden states / keys of the text
+            tokens (``TokenContext.keys``, ``text_hidden``, ``text_keys``).
+        knob: the method's name for ``layer`` in error messages.
+    """
+
+    layer: int
+    queries: int = 1
+    keys: bool = False
+    knob: str = "layer"
+
+
+@dataclass(frozen=True)
+class DecodePolicy:
+    """While decoding, layers >= ``layer`` hold only the visual KV entries ``select`` chooses.
+
+    Attributes:
+        layer: L >= 1, the first decoder layer whose cache is pruned.
+        select: ``(attention (1, V) float32, previous (1, V) or None) -> (1, K) kept visual indices, or None``
+            to keep the current choice; ``attention`` is the decode query's attention over the V visual cache
+            entries of layer L-1 (mean over heads), ``previous`` the attention at the last re-selection.
+        knob: the method's name for ``layer`` in error messages.
+    """
+
+    layer: int
+    select: Callable[[Tensor, Tensor | None], Tensor | None]
+    knob: str = "layer"
+
+
+@dataclass(frozen=True)
+class BlockMerge:
+    """Merge tokens inside every encoder block, between attention and MLP, with proportional attention.
+
+    Attributes:
+        protected: leading tokens the method itself protects (the adapter adds CLS / register tokens).
+        schedule: ``(tokens in, protected, number of blocks) -> tokens merged in each block``.
+        match: ``(metric (B, N, D), r, protected) -> Selection`` of N - r tokens, one block's merge; the metric
+            is the block's keys averaged over heads.
+        check: ``(number of blocks) -> None``, raises ``ValueError`` for knobs that cannot fit (at wrap time).
+    """
+
+    protected: int
+    schedule: Callable[[int, int, int], list[int]]
+    match: Callable[[Tensor, int, int], Selection]
+    check: Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class LayerScore:
+    """Score the tokens with one encoder layer, then select (and merge) them with the scores.
+
+    The adapter computes, at encoder layer ``layer`` (None: the layer whose output the model uses), the
+    attention each token gets (the CLS row summed over heads for encoders with a CLS token, else the attention
+    received, summed over queries and averaged over heads; float32 softmax) as ``TokenContext.attention`` and
+    the keys averaged over heads as ``TokenContext.metric``, then calls the reducer's ``reduce``.
+
+    Attributes:
+        layer: encoder layer index (negative counts from the end), or None.
+        keep_cls: a CLS token competes with the patches (and is protected among the kept ones) instead of
+            being dropped by the model's feature selection.
+        for_patches: ``n -> reducer`` with the budget of ``n`` patch tokens pinned, for adapters that hand it
+            the CLS token as well (so the budget is not computed over n + 1 tokens).
+    """
+
+    layer: int | None
+    keep_cls: bool
+    for_patches: Callable[[int], object]
