@@ -129,7 +129,7 @@ def test_video_example_with_an_in_llm_method(browser, demo_url, tmp_path):
     page.get_by_text("vid-00000:").click()
     page.wait_for_function("document.querySelector('#question textarea').value.includes('move')")
     choose(page, "fastv", 0.5)
-    assert page.locator("#layer").is_visible()  # the layer knob appears for in-LLM methods
+    page.locator("#layer").wait_for(state="visible", timeout=10_000)  # the layer knob appears for in-LLM methods
     page.locator("#run").click()
     page.wait_for_function("document.querySelector('#numbers').innerText.includes('fastv')", timeout=RUN_TIMEOUT_MS)
     numbers = page.locator("#numbers").inner_text()
