@@ -70,7 +70,7 @@ class Span:
 def item_positions(input_ids: Tensor, token_id: int, lengths: list[int], modality: str) -> list[tuple[int, Tensor]]:
     """Split the placeholder positions of ``token_id`` into items of the given lengths, in batch order.
 
-    Placeholders are found per sample (PITFALLS 1): the processor expanded every ``<image>`` into as many
+    Placeholders are found per sample, never at hard-coded offsets: the processor expanded every ``<image>`` into as many
     ids as the image has tokens, so item i is the next ``lengths[i]`` placeholders in row-major order,
     which also separates images that sit back to back.
 

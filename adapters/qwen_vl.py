@@ -6,7 +6,7 @@ from ``image_grid_thw`` / ``video_grid_thw``. Qwen3-VL writes each temporal grou
 between timestamp text; the video is still one span with grid (t, h / m, w / m) whose positions simply are
 not contiguous. The pre-LLM stage therefore selects on merged tokens (what the language model sees).
 
-Positions (PITFALLS 5-6). The prefill hook computes the full sequence's (3, B, N) positions with the
+Positions (one policy from prefill to every decode step; Qwen caches ``rope_deltas`` between calls). The prefill hook computes the full sequence's (3, B, N) positions with the
 model's own ``get_rope_index`` (or takes generate's (4, B, N): text row + the three M-RoPE rows) and hands
 the shortened sequence explicit position ids, so the model never recomputes them on the reduced sequence:
 

@@ -34,7 +34,7 @@ def is_decode_step(cache) -> bool:
 
 
 def check_cache(cache, reducer) -> None:
-    """Refuse caches that cannot hold per-layer lengths or shortened sequences (PITFALLS 8)."""
+    """Refuse caches that cannot hold per-layer lengths or shortened sequences (static caches)."""
     if cache is None:
         return
     layers = getattr(cache, "layers", [])

@@ -325,7 +325,7 @@ def test_bad_requests_are_refused(models):
             pass
 
 
-# -- budget edge cases (PITFALLS 12) ----------------------------------------------------------------------
+# -- budget edge cases -----------------------------------------------------------------------------------
 def test_budget_edge_cases(models):
     model = models("llava")
     inputs = llava_inputs((1, 2), seed=8)

@@ -18,9 +18,9 @@ Per model, visual-token count, method and keep:
 - the FLOP-ideal ratio from :mod:`tokreduce.flops` for the token counts the method actually kept, and
   achieved / ideal;
 - the method's own time (``state.stats.seconds``: choosing and merging tokens) in ms and as % of the
-  full prefill (PITFALLS 15);
+  full prefill (a selection slower than what it saves is a speed-up that vanishes);
 - KV-cache bytes after prefill, summed over the real cache tensors of every layer, against the full
-  cache and the ideal (layers before K keep every token for in-LLM methods; PITFALLS 9);
+  cache and the ideal (layers before K keep every token for in-LLM methods; a cache that frees nothing saves nothing);
 - decode tokens/s of ``generate`` after the (reduced) prefill.
 
 ``--layers N`` keeps the first N decoder layers (all dimensions unchanged) to bound the run time. FLOP

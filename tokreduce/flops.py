@@ -173,11 +173,13 @@ def ideal_reduction(
 
 
 def reduction_layer(reducer) -> int:
-    """Decoder layer from which ``reducer`` shortens the sequence: its ``layer`` for stage "llm", else 0.
+    """Decoder layer from which ``reducer`` shortens the prefill: its ``in_llm().layer`` at stage "llm", else 0.
 
-    Stage "decode" (DyCoke stage 2) prunes only while decoding, so it does not change the prefill.
+    A decode-time cache policy (``reducer.decode_policy()``) prunes only while decoding, so it does not change
+    the prefill.
     """
-    return int(reducer.layer) if getattr(reducer, "stage", "pre_llm") == "llm" else 0
+    plan = reducer.in_llm() if reducer.stage == "llm" else None
+    return 0 if plan is None else int(plan.layer)
 
 
 def ideal_for_method(

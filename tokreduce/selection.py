@@ -53,11 +53,6 @@ class Selection:
         index = torch.arange(n, device=device).expand(batch, n).contiguous()
         return Selection(index=index, num_tokens=n)
 
-    @staticmethod
-    def from_index(index: Tensor, n: int) -> Selection:
-        """A pruning selection from (B, K) kept indices in any order; they are sorted here."""
-        return Selection(index=index.sort(dim=-1).values, num_tokens=n)
-
     @property
     def num_kept(self) -> int:
         return self.index.shape[-1]

@@ -2,7 +2,7 @@
 
 Frame indices are computed once, in integer arithmetic, from the video's frame count and frame rate,
 before any backend decodes anything; both backends then fetch exactly those indices. This removes the
-classic evaluation drift where decord and PyAV harnesses sample different frames (PITFALLS.md 14).
+classic evaluation drift where decord and PyAV harnesses sample different frames.
 
 Sampling modes:
 

@@ -1,25 +1,18 @@
-"""Every method module; importing this package registers them all."""
+"""Every method module, one line each; importing this package registers them all.
 
-from .dart import DARTReducer
-from .divprune import DivPruneReducer
-from .dycoke import DyCokeReducer
-from .fastv import FastVReducer
-from .framefusion import FrameFusionReducer
-from .pool import PoolReducer
-from .random import RandomReducer
-from .tome import ToMeReducer
-from .uniform import UniformReducer
-from .visionzip import VisionZipReducer
+Adding a method: its file (the pure function, its Reducer dataclass registered under its name, and the
+paper-name alias) and one line here; ``tokreduce`` exports whatever this package exports.
+"""
 
-__all__ = [
-    "DARTReducer",
-    "DivPruneReducer",
-    "DyCokeReducer",
-    "FastVReducer",
-    "FrameFusionReducer",
-    "PoolReducer",
-    "RandomReducer",
-    "ToMeReducer",
-    "UniformReducer",
-    "VisionZipReducer",
-]
+from .dart import DART, DARTReducer
+from .divprune import DivPrune, DivPruneReducer
+from .dycoke import DyCoke, DyCokeReducer
+from .fastv import FastV, FastVReducer
+from .framefusion import FrameFusion, FrameFusionReducer
+from .pool import Pool, PoolReducer
+from .random import Random, RandomReducer
+from .tome import ToMe, ToMeReducer
+from .uniform import Uniform, UniformReducer
+from .visionzip import VisionZip, VisionZipReducer
+
+__all__ = sorted(name for name, value in list(globals().items()) if isinstance(value, type))

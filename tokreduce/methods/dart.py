@@ -114,3 +114,6 @@ class DARTReducer(Reducer):
         keys = ctx.keys if ctx.keys is not None else tokens
         index = dart(tokens, keys, ctx.text_hidden, ctx.text_keys, k, self.pivot_image, self.pivot_text)
         return Selection(index=index, num_tokens=tokens.shape[1])
+
+
+DART = DARTReducer  # the paper's name: tokreduce.DART(keep=...)

@@ -54,3 +54,6 @@ class DivPruneReducer(Reducer):
             raise ValueError("divprune does not support protected tokens; pass the patch tokens only")
         index = divprune(tokens, k)
         return Selection(index=index, num_tokens=tokens.shape[1])
+
+
+DivPrune = DivPruneReducer  # the paper's name: tokreduce.DivPrune(keep=...)

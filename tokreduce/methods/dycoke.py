@@ -153,3 +153,6 @@ class DyCokeReducer(Reducer):
         masks = torch.stack([dycoke_keep_mask(x.view(t, h * w, -1), self.ratio(tokens.shape[1])) for x in tokens])
         index = masks.flatten(1).nonzero()[:, 1].view(tokens.shape[0], k)
         return Selection(index=index, num_tokens=tokens.shape[1])
+
+
+DyCoke = DyCokeReducer  # the paper's name: tokreduce.DyCoke(keep=...)

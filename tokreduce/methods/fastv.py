@@ -43,3 +43,6 @@ class FastVReducer(ScoreReducer):
 
     def score(self, tokens: Tensor, ctx: TokenContext) -> Tensor:
         return ctx.require("attention", self.name)
+
+
+FastV = FastVReducer  # the paper's name: tokreduce.FastV(keep=...)

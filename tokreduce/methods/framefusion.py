@@ -108,3 +108,6 @@ class FrameFusionReducer(Reducer):
         index = torch.cat([s.index for s in selections])
         assign = torch.cat([s.groups() for s in selections])
         return Selection(index=index, num_tokens=n, assign=assign)
+
+
+FrameFusion = FrameFusionReducer  # the paper's name: tokreduce.FrameFusion(keep=...)

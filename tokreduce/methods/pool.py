@@ -98,3 +98,6 @@ class PoolReducer(Reducer):
             num_tokens=n,
             assign=assign.to(device).expand(b, -1).contiguous(),
         )
+
+
+Pool = PoolReducer  # the paper's name: tokreduce.Pool(keep=...)

@@ -41,3 +41,6 @@ class RandomReducer(ScoreReducer):
     def score(self, tokens: Tensor, ctx: TokenContext) -> Tensor:
         b, n, _ = tokens.shape
         return random_scores(n, self.seed + ctx.span, tokens.device).expand(b, n)
+
+
+Random = RandomReducer  # the paper's name: tokreduce.Random(keep=...)

@@ -190,3 +190,6 @@ class ToMeReducer(Reducer):
                 break
             selection = selection.compose(step)
         return selection
+
+
+ToMe = ToMeReducer  # the paper's name: tokreduce.ToMe(keep=...)

@@ -66,3 +66,6 @@ class UniformReducer(Reducer):
             raise ValueError("uniform does not support protected tokens; reduce the patch tokens only")
         index = uniform_indices(grid, k).to(tokens.device)
         return Selection(index=index.expand(b, k).contiguous(), num_tokens=n)
+
+
+Uniform = UniformReducer  # the paper's name: tokreduce.Uniform(keep=...)

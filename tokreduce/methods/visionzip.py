@@ -180,3 +180,6 @@ class VisionZipReducer(Reducer):
     def apply(self, tokens: Tensor, selection: Selection, size: Tensor | None = None) -> Tensor:
         """Dominant tokens as they are; each contextual token = its target + the mean of its joiners."""
         return _contextual_values(tokens, selection)
+
+
+VisionZip = VisionZipReducer  # the paper's name: tokreduce.VisionZip(keep=...)
