@@ -1,6 +1,6 @@
 """Prefill speed-up, method overhead and KV-cache bytes of every method against the FLOP ideal.
 
-A thin wrapper around :mod:`tokreduce.bench` (the same as ``tokreduce bench``); see its docstring for
+A thin wrapper around :mod:`tokreduce.eval.bench` (the same as ``tokreduce bench``); see its docstring for
 what is measured and how.
 
     python scripts/bench.py --quick
@@ -9,7 +9,7 @@ what is measured and how.
 
 import sys
 
-from tokreduce.bench import main
+from tokreduce.eval.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from tokreduce.bench import COLUMNS, build_model, cache_layer_bytes, main, make_prompt, prefill
 from tokreduce.cli import main as cli_main
+from tokreduce.eval.bench import COLUMNS, build_model, cache_layer_bytes, main, make_prompt, prefill
 
 
 def test_quick_bench_on_tiny_models_prints_every_column(tmp_path, capsys):

@@ -35,7 +35,7 @@ register_command(
     "eval", "batch video-QA evaluation: accuracy vs speed and memory for a sweep of methods", "tokreduce.eval.command"
 )
 register_command("demo", "Gradio demo: kept tokens, both answers, time and FLOPs saved", "tokreduce.demo_app")
-register_command("bench", "prefill speed-up, overhead and KV bytes of each method against the FLOP ideal", "tokreduce.bench")
+register_command("bench", "prefill speed-up, overhead and KV bytes of each method against the FLOP ideal", "tokreduce.eval.bench")
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
