@@ -124,7 +124,7 @@ class DyCokeReducer(Reducer):
         check_range("prune_ratio", self.prune_ratio, 0.0, 1.0)
         check_range("threshold", self.threshold, -1.0, 1.0)
 
-    def decode_policy(self) -> DecodePolicy | None:
+    def in_decode(self) -> DecodePolicy | None:
         """Stage 2, unless disabled (``prune_ratio=0``) or the whole reducer is the identity."""
         if self.prune_ratio <= 0 or (keeps_all(self.keep) and self.merging_ratio is None):
             return None
