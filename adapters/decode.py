@@ -1,9 +1,11 @@
 """Decode-time KV-cache policies (a :class:`~tokreduce.stages.DecodePolicy`): prune the cache while decoding.
 
 Hooks on the decoder layers only. At every decode step the current query's attention to the visual cache
-entries of layer L-1 goes to the policy's ``select``; layers >= L physically hold only the chosen visual
-entries between re-selections. The dropped entries are parked in a side store (on the CPU when the cache is
-on an accelerator) so a later re-selection can bring them back.
+entries of layer L-1 goes to the policy, which decides what layers >= L attend to. A choice that persists
+across steps is held physically: layers >= L keep only the chosen visual entries, and the dropped ones are
+parked in a side store (on the CPU when the cache is on an accelerator) so a later re-selection can bring
+them back. A choice for one step only is a mask: layers >= L keep the whole cache and are masked from the
+entries not chosen, and a step without a choice leaves them alone.
 """
 
 from __future__ import annotations
@@ -22,18 +24,24 @@ from .state import DecodeMemo
 
 
 class DecodePruning:
-    """A decode-time cache policy: from decoder layer L on, keep only the visual KV entries it chooses.
+    """A decode-time cache policy: from decoder layer L on, attend only to the visual KV entries it chooses.
 
     At each decode step the query's attention over layer L-1's cache (mean over heads, float32) restricted to
-    the prompt's visual entries goes to the policy's ``select`` with the attention at its last re-selection;
-    when it returns a new choice for any sample, the caches of layers >= L are rebuilt to hold exactly the
-    chosen visual entries of those samples (plus every text and generated entry).
+    the prompt's visual entries goes to the policy's :meth:`~tokreduce.stages.DecodePolicy.decide`, per sample.
 
-    Memory: layers >= L hold (1 - P) of the visual entries on the model's device. The other P are parked in
-    a side store so that a re-selection can bring them back; the store lives on the CPU when the cache is
-    on an accelerator (then the device memory of P * visual entries * (layers - L) is freed), and on the
-    same device otherwise (then nothing is freed overall; the saving is attention reads per step).
-    ``state.extra["decode"]`` reports re-selections, kept counts and the bytes moved off the device.
+    Persistent choices (``policy.persist``): when a sample makes a new choice, the caches of layers >= L are
+    rebuilt to hold exactly the chosen visual entries of the samples that have one (plus every text and
+    generated entry). Memory: layers >= L hold (1 - P) of the visual entries on the model's device. The other
+    P are parked in a side store; it lives on the CPU when the cache is on an accelerator (then the device
+    memory of P * visual entries * (layers - L) is freed), and on the same device otherwise (then nothing is
+    freed overall; the saving is attention reads per step).
+
+    Per-step choices: layers >= L run with the model's own mask built from a 2-D mask that hides the visual
+    entries not chosen at this step (exact, no cache surgery, no memory saved); on a step where no sample
+    chose, they run unchanged on the whole cache.
+
+    ``state.extra["decode"]`` reports decode steps, steps that pruned, re-selections, kept counts and the
+    bytes moved off the device.
     """
 
     def __init__(self, session, lm, policy: DecodePolicy):
@@ -79,18 +87,25 @@ class DecodePruning:
         if run.decode is None:
             run.decode = DecodeMemo(previous=[None] * row.shape[0], chosen=[None] * row.shape[0])
         memo = run.decode
-        prefill = run.visual.shape[1]
         changed = False
         for b in range(row.shape[0]):  # visual counts differ per sample; the work per sample is vectorised
             visual = run.visual[b].nonzero().squeeze(-1)
             if visual.numel() == 0:
                 continue
-            attention = row[b, visual][None]
-            pick = self.policy.select(attention, memo.previous[b])
+            pick, memo.previous[b] = self.policy.decide(row[b, visual][None], memo.previous[b])
             if pick is not None:
-                memo.previous[b], memo.chosen[b], changed = attention, visual[pick[0]], True
+                memo.chosen[b], changed = visual[pick[0]], True
+            elif not self.policy.persist:
+                memo.chosen[b] = None  # no pruning at this step
         memo.changed = changed
-        memo.prefill = prefill
+        memo.prefill = run.visual.shape[1]
+        report = self.session.state.extra.setdefault("decode", {"steps": 0, "pruned_steps": 0, "reselections": 0})
+        report["steps"] += 1
+        report["pruned_steps"] += any(c is not None for c in memo.chosen)
+        report["reselections"] += changed
+        report["kept_visual"] = [int(c.numel()) if c is not None else None for c in memo.chosen]
+        report["visual"] = run.visual.sum(1).tolist()
+        report["layers"] = list(range(self.layer, len(self.lm.layers)))
         return None
 
     def at_layer_l(self, module, args, kwargs):
@@ -99,16 +114,32 @@ class DecodePruning:
             return None
         memo = run.decode
         cache = compat.cache_of(kwargs)
-        if memo.changed:
-            memo.changed = False
-            with Timer(self.session.state):
-                self.rebuild(run, memo, cache)
         hidden = hidden_arg(args, kwargs)
-        deep = torch.cat([memo.prefill_mask, run.mask0[:, memo.prefill :]], dim=1)
+        if self.policy.persist:
+            if memo.changed:
+                memo.changed = False
+                with Timer(self.session.state):
+                    self.rebuild(run, memo, cache)
+            deep = torch.cat([memo.prefill_mask, run.mask0[:, memo.prefill :]], dim=1)
+        elif any(c is not None for c in memo.chosen):
+            deep = self.step_mask(run, memo)
+        else:
+            memo.layer_kwargs = None  # no choice at this step: the whole cache
+            return None
         memo.layer_kwargs = {
             "attention_mask": causal_mask(self.lm, hidden, deep, cache, kwargs["position_ids"], self.layer)
         }
         return args, {**kwargs, **memo.layer_kwargs}
+
+    @staticmethod
+    def step_mask(run, memo: DecodeMemo) -> Tensor:
+        """(B, S) 2-D mask of this step for layers >= L: ``mask0`` with the visual entries not chosen hidden."""
+        hide = torch.zeros_like(run.mask0, dtype=torch.bool)
+        for b, chosen in enumerate(memo.chosen):
+            if chosen is not None:
+                hide[b, : memo.prefill] = run.visual[b]
+                hide[b, chosen] = False
+        return run.mask0.masked_fill(hide, 0)
 
     def later_layer(self, module, args, kwargs):
         run = self.decoding(kwargs)
@@ -145,12 +176,7 @@ class DecodePruning:
             layer.keys, layer.values = tensors
         memo.live, memo.dropped = (index, valid), (drop_index, drop_valid)
         memo.prefill_mask = (gather_seq(run.mask0[:, :prefill], index) * valid).to(run.mask0.dtype)
-        report = self.session.state.extra.setdefault("decode", {"reselections": 0})
-        report["reselections"] += 1
-        report["kept_visual"] = [int(c.numel()) if c is not None else None for c in memo.chosen]
-        report["visual"] = run.visual.sum(1).tolist()
-        report["bytes_off_device"] = moved
-        report["layers"] = list(range(self.layer, len(self.lm.layers)))
+        self.session.state.extra["decode"]["bytes_off_device"] = moved
 
     @staticmethod
     def full_prompt(held: Tensor, live, parked: Tensor | None, dropped, prefill: int) -> Tensor:

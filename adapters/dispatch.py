@@ -47,6 +47,6 @@ def attach(adapter, model, reducer, state, handles: list) -> None:
             raise ValueError(f"{reducer.name} declares stage 'llm' but no decoder layer to prune at (in_llm)")
         adapter.check_layer(model, plan.layer, reducer)
         LayerPruning(session, lm, plan).attach(hooks)
-    policy = reducer.decode_policy()
+    policy = reducer.in_decode()
     if policy is not None:
         DecodePruning(session, lm, policy).attach(hooks)

@@ -91,15 +91,18 @@ class DecodeMemo:
     """A decode-time cache policy's memory across the steps of one prompt (per sample where a list).
 
     Attributes:
-        previous: attention over the visual entries at the last re-selection, per sample.
-        chosen: kept visual positions (prompt numbering) per sample, None = all.
-        changed: some sample re-selected at this step (the caches are rebuilt before layer L).
+        previous: attention over the visual entries that the next step compares with, per sample
+            (:meth:`~tokreduce.stages.DecodePolicy.decide`).
+        chosen: kept visual positions (prompt numbering) per sample, None = all; for per-step choices the
+            choice of the current step.
+        changed: some sample made a new choice at this step (persistent choices: the caches are rebuilt
+            before layer L).
         prefill: prompt length in the sequence the language model saw.
-        live: (index, valid) of the prompt slots layers >= L hold now (None = all of them).
-        dropped: (index, valid) of the prompt slots parked in ``store``.
-        store: parked (layer, "keys" | "values") -> (B, Hk, S, D) entries.
-        prefill_mask: (B, S') mask of the prompt slots layers >= L hold.
-        layer_kwargs: what layers >= L run with at this step.
+        live: (index, valid) of the prompt slots layers >= L hold now (None = all of them); persistent only.
+        dropped: (index, valid) of the prompt slots parked in ``store``; persistent only.
+        store: parked (layer, "keys" | "values") -> (B, Hk, S, D) entries; persistent only.
+        prefill_mask: (B, S') mask of the prompt slots layers >= L hold; persistent only.
+        layer_kwargs: what layers >= L run with at this step (None: what the model gives them).
     """
 
     previous: list

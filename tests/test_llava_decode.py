@@ -1,4 +1,5 @@
-"""DyCoke stage 2 (KV pruning while decoding) on a tiny LLaVA: physical cache sizes and a masked reference."""
+"""DyCoke stage 2 (KV pruning while decoding) on a tiny LLaVA, persistent policy: physical cache sizes and a masked
+reference. The default (reference) policy is compared with the authors' decisions in test_fidelity_dycoke.py."""
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ L, P = 2, 0.5
 
 def masked_reference(model, inputs, steps, threshold):
     """Greedy decoding of the unwrapped model with the full cache, where layers >= L are MASKED from the visual
-    entries DyCoke drops (the reference implementation's semantics). One sample. Returns per-step logits."""
+    entries the persistent policy drops (its set holds until the attention drifts from the attention at the last
+    re-selection). One sample. Returns per-step logits."""
     lm = model.model.language_model
     ids = inputs["input_ids"]
     out = model(**inputs, use_cache=True)
@@ -61,7 +63,10 @@ def test_decode_matches_masked_reference(llava, threshold):
     steps = 5
     with torch.no_grad():
         ref = masked_reference(llava, inputs, steps, threshold)
-        with tokreduce.DyCoke(keep=0.5, prune_layer=L, prune_ratio=P, threshold=threshold)(llava) as state:
+        reducer = tokreduce.DyCoke(
+            keep=0.5, prune_layer=L, prune_ratio=P, threshold=threshold, decode_policy="persistent"
+        )
+        with reducer(llava) as state:
             gen = llava.generate(
                 **inputs, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
             )
@@ -79,7 +84,7 @@ def test_decode_matches_masked_reference(llava, threshold):
 def test_ragged_batch_equals_single_runs(llava):
     counts = (1, 2, 3)
     inputs = llava_inputs(counts, seed=12)
-    with torch.no_grad(), tokreduce.DyCoke(keep=0.5, prune_layer=L, prune_ratio=P)(llava):
+    with torch.no_grad(), tokreduce.DyCoke(keep=0.5, prune_layer=L, prune_ratio=P, decode_policy="persistent")(llava):
         batched = llava.generate(**inputs, max_new_tokens=4, do_sample=False)
         for i in range(len(counts)):
             alone = llava.generate(**single(inputs, i, counts), max_new_tokens=4, do_sample=False)

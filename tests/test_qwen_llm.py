@@ -187,11 +187,13 @@ def test_pruning_below_qwen3_deepstack_depth_is_refused():
 
 @pytest.mark.parametrize("model_type", QWEN_TYPES)
 def test_dycoke_decode_pruning_batch_equals_singles(qwen_models, model_type):
-    """DyCoke stage 2 on M-RoPE models: caches of layers >= L physically shrink, batch == one at a time."""
+    """DyCoke stage 2, persistent policy, on M-RoPE models: caches of layers >= L physically shrink, batch == one
+    at a time."""
     model = qwen_models(model_type)
     samples = [[("video", (4, 4, 4))], ITEMS]
     inputs = qwen_inputs(model_type, samples, seed=12)
-    with torch.no_grad(), tokreduce.DyCoke(keep=0.5, prune_layer=K, prune_ratio=0.5)(model) as state:
+    reducer = tokreduce.DyCoke(keep=0.5, prune_layer=K, prune_ratio=0.5, decode_policy="persistent")
+    with torch.no_grad(), reducer(model) as state:
         gen = model.generate(**inputs, max_new_tokens=4, return_dict_in_generate=True, **QWEN_GREEDY)
         assert state.extra["decode"]["reselections"] >= 1
         lengths = [layer.keys.shape[-2] for layer in output_cache(gen).layers]

@@ -60,7 +60,7 @@ class Reducer:
 
     Subclasses implement ``_select(tokens, k, ctx)``; the base handles validation, the budget and the
     identity shortcut. Where a method acts besides choosing among the tokens handed to ``select`` it says so
-    with the declarations of :mod:`tokreduce.stages` (``in_llm``, ``in_encoder``, ``decode_policy``), which
+    with the declarations of :mod:`tokreduce.stages` (``in_llm``, ``in_encoder``, ``in_decode``), which
     the model adapters serve without knowing the method.
 
     Args:
@@ -89,7 +89,7 @@ class Reducer:
         """Stage "vision" (and any stage of a plain ViT): how the method works inside the encoder."""
         return None
 
-    def decode_policy(self) -> DecodePolicy | None:
+    def in_decode(self) -> DecodePolicy | None:
         """A KV-cache policy applied at every decode step after the prefill, or None."""
         return None
 

@@ -175,7 +175,7 @@ def ideal_reduction(
 def reduction_layer(reducer) -> int:
     """Decoder layer from which ``reducer`` shortens the prefill: its ``in_llm().layer`` at stage "llm", else 0.
 
-    A decode-time cache policy (``reducer.decode_policy()``) prunes only while decoding, so it does not change
+    A decode-time cache policy (``reducer.in_decode()``) prunes only while decoding, so it does not change
     the prefill.
     """
     plan = reducer.in_llm() if reducer.stage == "llm" else None

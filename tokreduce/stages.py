@@ -7,7 +7,7 @@ Adapters never ask which method they run; they read these declarations from the 
   needs from the layers before (attention rows of the last queries, key and text states);
 - :meth:`Reducer.in_encoder` -> :class:`BlockMerge` (merge a few tokens in every encoder block) or
   :class:`LayerScore` (score the tokens with one encoder layer's attention, then select);
-- :meth:`Reducer.decode_policy` -> :class:`DecodePolicy`: a decode-time KV-cache policy with its own select.
+- :meth:`Reducer.in_decode` -> :class:`DecodePolicy`: a decode-time KV-cache policy with its own select.
 
 A method that acts at two stages (DyCoke: pre-LLM merge, then a decode-time cache policy) declares both in
 its one file.
@@ -44,19 +44,41 @@ class LayerPrune:
 
 @dataclass(frozen=True)
 class DecodePolicy:
-    """While decoding, layers >= ``layer`` hold only the visual KV entries ``select`` chooses.
+    """While decoding, layers >= ``layer`` attend only to the visual KV entries ``select`` chooses.
+
+    At every decode step the adapter hands ``select`` the decode query's attention over the V visual cache
+    entries of layer L-1 (mean over heads) and the attention it is compared with (:meth:`decide`). What a
+    choice is worth depends on ``persist``:
+
+    - ``persist=True``: a choice holds until the next one. ``previous`` is the attention at the last choice,
+      ``None`` from ``select`` keeps the current choice, and layers >= L physically hold only the chosen
+      visual entries (the others are parked so that a later choice can bring them back).
+    - ``persist=False``: a choice holds for its own step only. ``previous`` is the previous step's attention,
+      ``None`` means no pruning at this step (layers >= L see the whole cache), and the cache stays whole:
+      layers >= L are masked from the entries not chosen.
 
     Attributes:
-        layer: L >= 1, the first decoder layer whose cache is pruned.
-        select: ``(attention (1, V) float32, previous (1, V) or None) -> (1, K) kept visual indices, or None``
-            to keep the current choice; ``attention`` is the decode query's attention over the V visual cache
-            entries of layer L-1 (mean over heads), ``previous`` the attention at the last re-selection.
+        layer: L >= 1, the first decoder layer that sees only the chosen entries.
+        select: ``(attention (1, V) float32, previous (1, V) or None) -> (1, K) kept visual indices, or None``.
+        persist: whether a choice holds across steps (see above).
         knob: the method's name for ``layer`` in error messages.
     """
 
     layer: int
     select: Callable[[Tensor, Tensor | None], Tensor | None]
+    persist: bool = True
     knob: str = "layer"
+
+    def decide(self, attention: Tensor, previous: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """One decode step of one sample: (attention (1, V), previous) -> (choice (1, K) or None, next previous).
+
+        The next previous is what the next step's ``select`` compares with: this step's attention, or (when a
+        choice persists and none was made) the attention of the standing choice.
+        """
+        choice = self.select(attention, previous)
+        if self.persist and choice is None:
+            return None, previous
+        return choice, attention
 
 
 @dataclass(frozen=True)

@@ -61,22 +61,27 @@ def dycoke_ttm(frames: Tensor, merging_ratio: float) -> tuple[Tensor, Tensor]:
 def dycoke_kv_select(
     attention: Tensor, previous: Tensor | None, prune_ratio: float, threshold: float = 0.9
 ) -> Tensor | None:
-    """DyCoke stage 2 decision for one decode step.
+    """DyCoke stage 2 decision for one decode step: prune the visual cache, or not.
+
+    When ``attention`` is still close to ``previous`` (cosine >= ``threshold``) the step makes no new choice;
+    otherwise (and at the first step, where there is nothing to compare with) it keeps the
+    ``int(N * (1 - P))`` visual entries the query attends to most (the reference's count; at least 1).
 
     Args:
         attention: (B, N) attention of the current decode query to the visual tokens (layer L-1, mean over heads).
-        previous: (B, N) the same for the step at which the kept set was last chosen, or None.
+        previous: (B, N) the attention it is compared with, or None. The reference compares with the previous
+            step; the persistent policy with the step of the last choice.
         prune_ratio: P, the share of visual tokens dropped.
-        threshold: re-select when cos(attention, previous) falls below it (default 0.9).
+        threshold: a new choice is made when cos(attention, previous) falls below it (default 0.9).
 
     Returns:
-        (B, N - round(P * N)) kept visual indices, ascending, or None when the previous set still holds.
-        A batch re-selects when any of its samples drifted, so the cache stays rectangular.
+        (B, max(1, int(N * (1 - P)))) kept visual indices, ascending, or None for no new choice.
+        A batch chooses when any of its samples drifted, so the result stays rectangular.
     """
     if previous is not None and bool((aligned_cosine(attention, previous) >= threshold).all()):
         return None
     n = attention.shape[-1]
-    keep = max(1, n - round(prune_ratio * n))
+    keep = max(1, int(n * (1 - prune_ratio)))
     return top_k_sorted(attention.float(), keep)
 
 
@@ -88,32 +93,66 @@ def merging_ratio_for(keep: float) -> float:
     return min(1.0, max(0.0, 1.0 - (4.0 * keep - 1.0) / 3.0))
 
 
+# (1 + 3 * (1 - 0.7)) / 4: the share of a video that the reference's default merging ratio 0.7 keeps
+# (dycole_ttm in KD-TAO/DyCoke llava/model/llava_arch.py); merging_ratio_for maps it back to exactly 0.7.
+REFERENCE_KEEP = 0.475
+DECODE_POLICIES = ("reference", "persistent")
+
+
 @register_reducer("dycoke")
 @dataclass
 class DyCokeReducer(Reducer):
     """DyCoke: merge temporally redundant video tokens before the LLM, then prune the KV cache while decoding.
 
     Stage 1 (before the LLM) keeps, in every second frame and in frame i+2 of every window of four, only
-    the tokens least similar to the same position in the reference frame. Stage 2 (decode) keeps, from
-    decoder layer ``prune_layer`` on, the visual cache entries that the current query attends to most, and
-    re-selects when that attention drifts (cosine < ``threshold``). Needs a (t, h, w) grid with t >= 2 to
-    do anything in stage 1; images pass through unchanged.
+    the tokens least similar to the same position in the reference frame. Stage 2 (decode) lets decoder
+    layers >= ``prune_layer`` attend only to the visual cache entries the current query attends to most in
+    layer ``prune_layer`` - 1 (plus every non-visual entry). Needs a (t, h, w) grid with t >= 2 to do
+    anything in stage 1; images pass through stage 1 unchanged.
+
+    Stage 2 policies:
+
+    - "reference" (default, the authors' code): every decode step compares the query's attention with the
+      previous step's; a step prunes only when that cosine is below ``threshold`` (always at the first
+      step), and then keeps the top ``int((1 - prune_ratio) * V)`` of the V visual entries; on the other
+      steps layers >= L see the whole cache. The cache stays whole (layers >= L are masked), so this saves
+      no cache memory.
+    - "persistent": a chosen set holds until the attention drifts (cosine against the attention at the last
+      choice < ``threshold``) and layers >= L physically hold only it. This saves ``prune_ratio`` of the
+      visual entries of every layer >= L on the device (the rest is parked on the CPU when the model runs on
+      an accelerator, so that a re-selection can bring it back), at the price of answers that differ from
+      the reference.
+
+    Stage-2 deviations from the reference, which is batch-size 1: decisions are per sample; every prompt
+    starts afresh (the reference carries the last attention over to the next prompt); every visual token of
+    the sample competes (the reference's span length, taken before its newline token is appended and minus
+    one, leaves out the last visual token); the attention is a float32 softmax.
+
+    Budget: the default ``keep`` (0.475) is the share of a video's tokens that the reference's merging
+    ratio 0.7 keeps, and maps to exactly that ratio, so ``get_reducer("dycoke")`` runs the reference
+    defaults (merging ratio 0.7, L=3, P=0.7). Another ``keep`` sets the merging ratio that keeps about that
+    share (:func:`merging_ratio_for`); ``merging_ratio`` overrides it; ``keep=1.0`` with no
+    ``merging_ratio`` is the identity (stage 2 off too).
 
     Based on DyCoke (Tao et al., "DyCoke: Dynamic Compression of Tokens for Fast Video Large Language
     Models", CVPR 2025, arXiv 2411.15024).
 
     Args:
-        keep: overall kept share of a video's tokens, used when ``merging_ratio`` is None.
+        keep: overall kept share (or count) of a video's tokens in stage 1, used when ``merging_ratio`` is
+            None (default 0.475, i.e. merging ratio 0.7).
         merging_ratio: stage-1 share of tokens removed from each pruned frame (default None: from keep).
         prune_layer: L, first decoder layer that sees the pruned cache in stage 2 (default 3).
         prune_ratio: P, share of visual cache entries dropped in stage 2 (default 0.7; 0 disables stage 2).
-        threshold: stage-2 re-selection threshold on attention similarity (default 0.9).
+        threshold: stage-2 similarity threshold (default 0.9).
+        decode_policy: "reference" (default) or "persistent", see above.
     """
 
+    keep: float | int = REFERENCE_KEEP
     merging_ratio: float | None = None
     prune_layer: int = 3
     prune_ratio: float = 0.7
     threshold: float = 0.9
+    decode_policy: str = "reference"
     stage: ClassVar[str] = "pre_llm"
 
     def __post_init__(self):
@@ -123,13 +162,19 @@ class DyCokeReducer(Reducer):
         check_range("prune_layer", self.prune_layer, 1, 1024, integer=True)
         check_range("prune_ratio", self.prune_ratio, 0.0, 1.0)
         check_range("threshold", self.threshold, -1.0, 1.0)
+        if self.decode_policy not in DECODE_POLICIES:
+            raise ValueError(f"decode_policy must be one of {DECODE_POLICIES}, got {self.decode_policy!r}")
 
-    def decode_policy(self) -> DecodePolicy | None:
+    def is_identity(self) -> bool:
+        return keeps_all(self.keep) and self.merging_ratio is None
+
+    def in_decode(self) -> DecodePolicy | None:
         """Stage 2, unless disabled (``prune_ratio=0``) or the whole reducer is the identity."""
-        if self.prune_ratio <= 0 or (keeps_all(self.keep) and self.merging_ratio is None):
+        if self.prune_ratio <= 0 or self.is_identity():
             return None
         select = functools.partial(dycoke_kv_select, prune_ratio=self.prune_ratio, threshold=self.threshold)
-        return DecodePolicy(layer=self.prune_layer, select=select, knob="prune_layer")
+        persist = self.decode_policy == "persistent"
+        return DecodePolicy(layer=self.prune_layer, select=select, persist=persist, knob="prune_layer")
 
     def ratio(self, n: int) -> float:
         if self.merging_ratio is not None:
