@@ -51,6 +51,7 @@ class Run:
         visual: (B, S) bool, visual tokens of the sequence the language model sees.
         rope_positions: (3, B, N) M-RoPE positions of the prompt (Qwen-VL), for in-LLM pruning.
         attention: (B, N) float32 attention row of layer K-1, waiting for layer K's selection.
+        keys: (B, N, Hk * D) RoPE'd keys of layer K-1 (heads flattened), waiting for layer K's selection.
         cut: what layers >= K get after an in-LLM prune (None before layer K ran, or when it kept all).
         cut_done: layer K ran for this prompt (whether or not it pruned anything).
         decoding: the prompt is past its prefill.
@@ -69,6 +70,7 @@ class Run:
     visual: Tensor | None = None
     rope_positions: Tensor | None = None
     attention: Tensor | None = None
+    keys: Tensor | None = None
     cut: LayerCut | None = None
     cut_done: bool = False
     decoding: bool = False

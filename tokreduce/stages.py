@@ -31,14 +31,22 @@ class LayerPrune:
         layer: K >= 1.
         queries: last prompt tokens whose attention row at layer K-1 (post-softmax, float32, mean over heads and
             queries) is handed over as ``TokenContext.attention``; 0 when the method needs no attention.
-        keys: hand over layer K's key states of the visual tokens and the hidden states / keys of the text
-            tokens (``TokenContext.keys``, ``text_hidden``, ``text_keys``).
+        keys: hand over the key states of layer K-1 (RoPE applied, heads flattened: (1, N, Hk * D)) of the visual
+            tokens as ``TokenContext.keys``, and the hidden and key states of the text tokens as ``text_hidden``
+            and ``text_keys``.
+        final_norm: the hidden states handed over (the span's tokens given to ``select`` and ``text_hidden``) are
+            the ones entering layer K (layer K-1's output) passed through the model's final norm; the states that
+            layers >= K run on are not changed.
+        text_after_span: the text tokens handed over are the non-visual prompt tokens after the span (the
+            question) instead of every non-visual prompt token (system prompt, BOS, ...).
         knob: the method's name for ``layer`` in error messages.
     """
 
     layer: int
     queries: int = 1
     keys: bool = False
+    final_norm: bool = False
+    text_after_span: bool = False
     knob: str = "layer"
 
 
