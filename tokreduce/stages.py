@@ -4,7 +4,8 @@ Adapters never ask which method they run; they read these declarations from the 
 
 - ``reducer.stage``: where its selection is made ("vision", "pre_llm" or "llm");
 - :meth:`Reducer.in_llm` -> :class:`LayerPrune`: prune at the input of decoder layer K, with the inputs it
-  needs from the layers before (attention rows of the last queries, key and text states);
+  needs from the layers before (attention rows of the last queries, key and text states) and, optionally,
+  a new choice at every decode step;
 - :meth:`Reducer.in_encoder` -> :class:`BlockMerge` (merge a few tokens in every encoder block) or
   :class:`LayerScore` (score the tokens with one encoder layer's attention, then select);
 - :meth:`Reducer.decode_policy` -> :class:`DecodePolicy`: a decode-time KV-cache policy with its own select.
@@ -39,6 +40,10 @@ class LayerPrune:
             layers >= K run on are not changed.
         text_after_span: the text tokens handed over are the non-visual prompt tokens after the span (the
             question) instead of every non-visual prompt token (system prompt, BOS, ...).
+        reselect_every_step: choose again at every decode step, from the attention row of that step's query at
+            layer K-1 over the whole cache (needs ``queries == 1`` and no ``keys``). Layers >= K then keep their
+            full KV cache and attend, through a mask made at each step, to the chosen visual entries and every
+            other entry; nothing is removed physically.
         knob: the method's name for ``layer`` in error messages.
     """
 
@@ -47,6 +52,7 @@ class LayerPrune:
     keys: bool = False
     final_norm: bool = False
     text_after_span: bool = False
+    reselect_every_step: bool = False
     knob: str = "layer"
 
 
