@@ -1,17 +1,22 @@
 """Pruning inside the language model at decoder layer K (stage ``llm``, a :class:`~tokreduce.stages.LayerPrune`).
 
 Hooks on the decoder layers only (default SDPA attention; no eager switch, no second run of any layer, no
-duplicate KV entries). When the method asks for attention, a post-hook on layer K-1 computes q of the last
-``queries`` prompt tokens from that layer's normed input (``q_proj`` + the model module's own
-``apply_rotary_pos_emb``), takes the layer's RoPE'd keys from its cache layer (recomputed from the input when
-no cache is used) and forms the attention row with :func:`tokreduce.similarity.attention_row` (float32
-softmax). When it asks for keys, layer K's key states of the visual and text tokens are handed over too.
-The pre-hook of layer K selects per sample and span, gathers the kept hidden states (size-weighted means
-for merges), re-pads left, and substitutes hidden states, mask, position embeddings and position ids;
-layers > K get the same substitutions. Layers < K keep their full cache, layers >= K only the kept tokens,
-so ``cache.get_seq_length()`` (layer 0) still reports the full length, which is what the model-level mask
-of layers < K needs. Decode steps: layers >= K get a mask built against their own (shorter) cache by the
-model's ``create_causal_mask(..., layer_idx=K)``.
+duplicate KV entries). A post-hook on layer K-1 reads what the selection needs from that layer: the attention
+row of the last ``queries`` prompt tokens, computed from q of those tokens (the layer's normed input, ``q_proj``
++ the model module's own ``apply_rotary_pos_emb``) and the layer's RoPE'd keys (from its cache layer, recomputed
+from the input when no cache is used) with :func:`tokreduce.similarity.attention_row` (float32 softmax), and /
+or those RoPE'd keys themselves. The pre-hook of layer K hands the span's states (optionally through the
+model's final norm) and the text states (optionally only those after the span) to the reducer, selects per
+sample and span, gathers the kept hidden states (size-weighted means for merges), re-pads left, and
+substitutes hidden states, mask, position embeddings and position ids; layers > K get the same substitutions.
+Layers < K keep their full cache, layers >= K only the kept tokens, so ``cache.get_seq_length()`` (layer 0)
+still reports the full length, which is what the model-level mask of layers < K needs. Decode steps: layers
+>= K get a mask built against their own (shorter) cache by the model's ``create_causal_mask(..., layer_idx=K)``.
+
+When the reducer re-selects at every decode step, nothing is removed: layers >= K keep the full sequence and
+cache and run with a mask that hides the visual tokens not chosen. At every decode step layer K-1's post-hook
+computes the new query's attention row over that layer's whole cache, layer K's pre-hook selects again per
+span and builds the step's mask for layers >= K.
 """
 
 from __future__ import annotations
@@ -106,11 +111,22 @@ class LayerPruning:
             )
         self.queries = plan.queries
         self.needs_attention = plan.queries > 0
+        self.every_step = plan.reselect_every_step
+        if self.every_step and (plan.queries != 1 or plan.keys):
+            raise ValueError(
+                f"{self.reducer.name}: choosing again at every decode step serves one attention row (queries=1, no "
+                f"keys), got queries={plan.queries}, keys={plan.keys}"
+            )
+        if self.every_step and self.reducer.positions != "original":
+            raise ValueError(
+                f"{self.reducer.name}: choosing again at every decode step masks a full cache, so positions must be "
+                f"'original', got {self.reducer.positions!r}"
+            )
 
     def attach(self, hooks) -> None:
         layers = self.lm.layers
-        if self.needs_attention:
-            hooks.post(layers[self.k - 1], self.score)
+        if self.needs_attention or self.plan.keys:
+            hooks.post(layers[self.k - 1], self.after_previous)
         hooks.pre(layers[self.k], self.at_layer_k)
         for layer in layers[self.k + 1 :]:
             hooks.pre(layer, self.later_layer)
@@ -122,20 +138,48 @@ class LayerPruning:
             return None
         return run
 
-    def score(self, module, args, kwargs, output):
-        """Post-hook of layer K-1: the last query's attention row over all N keys, (B, N) float32."""
+    def step_run(self, cache):
+        """The current prompt's Run if this forward is one of its decode steps and the choice is made again."""
+        run = self.session.run
+        if not self.every_step or run is None or not run.decoding or cache is not run.cache or run.cut is None:
+            return None
+        return run
+
+    def after_previous(self, module, args, kwargs, output):
+        """Post-hook of layer K-1: what layer K's selection reads from this layer.
+
+        Prefill: the last queries' attention row over all N keys, (B, N) float32, and / or the layer's RoPE'd
+        keys, (B, N, Hk * D). Decode step of a reducer that chooses again: the step query's row over the cache.
+        """
         hidden = hidden_arg(args, kwargs)
+        cache = compat.cache_of(kwargs)
+        cos, sin = kwargs["position_embeddings"]
+        scaling = module.self_attn.scaling
+        run = self.step_run(cache)
+        if run is not None:
+            with torch.no_grad():
+                keys = cached_keys(cache, self.k - 1, run.mask0.shape[1])
+                if keys is None:
+                    raise ValueError(
+                        f"{self.reducer.name}: choosing again at every decode step needs a dynamic KV cache (plain "
+                        "DynamicCache layers)"
+                    )
+                query = query_states(module, hidden, cos, sin, 1)
+                run.attention = attention_row(query, keys, scaling, run.mask0.bool())  # (B, S)
+            return None
         run = self.prefill_run(hidden)
         if run is None:
             return None
-        cos, sin = kwargs["position_embeddings"]
         with torch.no_grad():
-            query = query_states(module, hidden, cos, sin, self.queries)
-            keys = cached_keys(compat.cache_of(kwargs), self.k - 1, run.length)
+            keys = cached_keys(cache, self.k - 1, run.length)
             if keys is None:  # no cache (or one we cannot read): one k projection, never a second layer run
                 keys = key_states(module, hidden, cos, sin)
-            run.attention = attention_row(query, keys, module.self_attn.scaling, run.base_mask.bool())
-        self.session.state.extra["attention"] = run.attention  # (B, N) scores, for overlays and checks
+            if self.plan.keys:
+                run.keys = keys.transpose(1, 2).flatten(2)
+            if self.needs_attention:
+                query = query_states(module, hidden, cos, sin, self.queries)
+                run.attention = attention_row(query, keys, scaling, run.base_mask.bool())
+                self.session.state.extra["attention"] = run.attention  # (B, N) scores, for overlays and checks
         return None
 
     def at_layer_k(self, module, args, kwargs):
@@ -143,6 +187,9 @@ class LayerPruning:
         run = self.prefill_run(hidden)
         if run is not None:
             return self.prune(run, module, args, kwargs, hidden)
+        if self.every_step:
+            run = self.step_run(compat.cache_of(kwargs))
+            return None if run is None else self.reselect(run, args, kwargs, hidden)
         run = self.session.run
         if run is None or run.cut is None or run.deep is None:
             return None
@@ -160,37 +207,45 @@ class LayerPruning:
         keep = torch.ones(b, n, dtype=torch.bool, device=hidden.device)
         out = hidden
         attention, run.attention = run.attention, None
+        keys, run.keys = run.keys, None
         run.cut_done = True
-        keys = None
-        if self.plan.keys:
+        states = hidden
+        if self.plan.final_norm:
             with torch.no_grad():
-                attn = module.self_attn
-                keys = attn.k_proj(module.input_layernorm(hidden))  # pre-RoPE key states of layer K, heads flattened
+                states = self.lm.norm(hidden)  # layer K-1's output through the model's final norm
         text = (~run.visual) & run.base_mask.bool()
+        run.span_tokens = [] if self.every_step else None
         with Timer(state), torch.no_grad():
             for span in run.spans:
                 pos = span.positions.to(hidden.device)
-                tokens = hidden[span.sample, pos][None]
+                tokens = states[span.sample, pos][None]
                 ctx = TokenContext(grid=span.piece.grid, span=span.index)
                 if attention is not None:
                     ctx.attention = attention[span.sample, pos][None]
                 if keys is not None:
                     t = text[span.sample].nonzero().squeeze(-1)
+                    if self.plan.text_after_span:
+                        t = t[t > pos.max()]
                     ctx.keys = keys[span.sample, pos][None]
-                    ctx.text_hidden, ctx.text_keys = hidden[span.sample, t][None], keys[span.sample, t][None]
+                    ctx.text_hidden, ctx.text_keys = states[span.sample, t][None], keys[span.sample, t][None]
                 selection = reducer.select(tokens, ctx)
                 record_span(state, span, selection, "llm", int(span.positions[0]))
+                if run.span_tokens is not None:
+                    run.span_tokens.append(tokens)
                 if selection.is_identity:
                     continue
                 kept = pos[selection.index[0]]
-                keep[span.sample, pos] = False
-                keep[span.sample, kept] = True
+                keep_only(keep, span.sample, pos, kept)
                 if selection.assign is not None:
+                    self.check_no_merge(selection)
                     out = out.clone() if out is hidden else out
-                    out[span.sample, kept] = selection.merge(tokens)[0].to(out.dtype)
+                    out[span.sample, kept] = selection.merge(hidden[span.sample, pos][None])[0].to(out.dtype)
         if bool(keep.all()):
             run.cut = None
             return None
+        if self.every_step:
+            run.cut = LayerCut(layer_kwargs=self.masked(kwargs, hidden, (run.base_mask * keep).to(run.base_mask.dtype)))
+            return args, {**kwargs, **run.cut.layer_kwargs}
         index, valid = left_pad_index(keep)
         new_hidden = gather_seq(out, index)
         mask2d = (gather_seq(run.base_mask, index) * valid).to(run.base_mask.dtype)
@@ -240,3 +295,37 @@ class LayerPruning:
         }
         run.cut.layer_kwargs = layer_kwargs
         return args, {**kwargs, **layer_kwargs}
+
+    def reselect(self, run, args, kwargs, hidden: Tensor):
+        """A decode step: choose again per span from this step's attention row; mask the rest in layers >= K."""
+        state = self.session.state
+        attention, run.attention = run.attention, None
+        keep = torch.ones_like(run.mask0, dtype=torch.bool)
+        chosen = [[] for _ in range(keep.shape[0])]
+        with Timer(state), torch.no_grad():
+            for span, tokens in zip(run.spans, run.span_tokens, strict=True):
+                pos = span.positions.to(keep.device)
+                ctx = TokenContext(grid=span.piece.grid, span=span.index, attention=attention[span.sample, pos][None])
+                selection = self.reducer.select(tokens, ctx)
+                chosen[span.sample].append(selection.index[0].cpu())
+                if not selection.is_identity:
+                    self.check_no_merge(selection)
+                    keep_only(keep, span.sample, pos, pos[selection.index[0]])
+        state.extra.setdefault("reselected", []).append(chosen)  # per decode step, sample, span: kept indices
+        run.cut.layer_kwargs = self.masked(kwargs, hidden, (run.mask0 * keep).to(run.mask0.dtype))
+        return args, {**kwargs, **run.cut.layer_kwargs}
+
+    def masked(self, kwargs, hidden: Tensor, mask2d: Tensor) -> dict:
+        """What layers >= K run with on the full sequence and cache: the model's own mask from ``mask2d`` (B, S)."""
+        cache = compat.cache_of(kwargs)
+        return {"attention_mask": causal_mask(self.lm, hidden, mask2d, cache, kwargs.get("position_ids"), self.k)}
+
+    def check_no_merge(self, selection) -> None:
+        if self.every_step and selection.assign is not None:
+            raise ValueError(f"{self.reducer.name}: choosing again at every decode step masks tokens, it cannot merge")
+
+
+def keep_only(keep: Tensor, sample: int, positions: Tensor, kept: Tensor) -> None:
+    """In ``keep`` (B, S), of the span at ``positions`` of row ``sample`` only ``kept`` stays True."""
+    keep[sample, positions] = False
+    keep[sample, kept] = True

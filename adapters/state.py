@@ -50,7 +50,11 @@ class Run:
         base_mask: (B, N) the prompt's own 2-D mask (ones when none was given).
         visual: (B, S) bool, visual tokens of the sequence the language model sees.
         rope_positions: (3, B, N) M-RoPE positions of the prompt (Qwen-VL), for in-LLM pruning.
-        attention: (B, N) float32 attention row of layer K-1, waiting for layer K's selection.
+        attention: (B, N) float32 attention row of layer K-1, waiting for layer K's selection ((B, S) over the
+            whole cache at a decode step when the selection is made again at every step).
+        keys: (B, N, Hk * D) RoPE'd keys of layer K-1 (heads flattened), waiting for layer K's selection.
+        span_tokens: per span, (1, N_span, C) the tokens handed to the reducer at the prefill, handed again at
+            every decode step when the selection is made again at every step (else None).
         cut: what layers >= K get after an in-LLM prune (None before layer K ran, or when it kept all).
         cut_done: layer K ran for this prompt (whether or not it pruned anything).
         decoding: the prompt is past its prefill.
@@ -69,6 +73,8 @@ class Run:
     visual: Tensor | None = None
     rope_positions: Tensor | None = None
     attention: Tensor | None = None
+    keys: Tensor | None = None
+    span_tokens: list[Tensor] | None = None
     cut: LayerCut | None = None
     cut_done: bool = False
     decoding: bool = False
@@ -79,11 +85,12 @@ class Run:
 
 @dataclass
 class LayerCut:
-    """An in-LLM prune: the keyword arguments layers >= K run with, and the (B, L) gather that made them."""
+    """An in-LLM prune: the keyword arguments layers >= K run with, and the (B, L) gather that made them (None
+    when the tokens are masked rather than removed)."""
 
     layer_kwargs: dict
-    index: Tensor
-    valid: Tensor
+    index: Tensor | None = None
+    valid: Tensor | None = None
 
 
 @dataclass

@@ -4,7 +4,8 @@ Adapters never ask which method they run; they read these declarations from the 
 
 - ``reducer.stage``: where its selection is made ("vision", "pre_llm" or "llm");
 - :meth:`Reducer.in_llm` -> :class:`LayerPrune`: prune at the input of decoder layer K, with the inputs it
-  needs from the layers before (attention rows of the last queries, key and text states);
+  needs from the layers before (attention rows of the last queries, key and text states) and, optionally,
+  a new choice at every decode step;
 - :meth:`Reducer.in_encoder` -> :class:`BlockMerge` (merge a few tokens in every encoder block) or
   :class:`LayerScore` (score the tokens with one encoder layer's attention, then select);
 - :meth:`Reducer.in_decode` -> :class:`DecodePolicy`: a decode-time KV-cache policy with its own select.
@@ -31,14 +32,27 @@ class LayerPrune:
         layer: K >= 1.
         queries: last prompt tokens whose attention row at layer K-1 (post-softmax, float32, mean over heads and
             queries) is handed over as ``TokenContext.attention``; 0 when the method needs no attention.
-        keys: hand over layer K's key states of the visual tokens and the hidden states / keys of the text
-            tokens (``TokenContext.keys``, ``text_hidden``, ``text_keys``).
+        keys: hand over the key states of layer K-1 (RoPE applied, heads flattened: (1, N, Hk * D)) of the visual
+            tokens as ``TokenContext.keys``, and the hidden and key states of the text tokens as ``text_hidden``
+            and ``text_keys``.
+        final_norm: the hidden states handed over (the span's tokens given to ``select`` and ``text_hidden``) are
+            the ones entering layer K (layer K-1's output) passed through the model's final norm; the states that
+            layers >= K run on are not changed.
+        text_after_span: the text tokens handed over are the non-visual prompt tokens after the span (the
+            question) instead of every non-visual prompt token (system prompt, BOS, ...).
+        reselect_every_step: choose again at every decode step, from the attention row of that step's query at
+            layer K-1 over the whole cache (needs ``queries == 1`` and no ``keys``). Layers >= K then keep their
+            full KV cache and attend, through a mask made at each step, to the chosen visual entries and every
+            other entry; nothing is removed physically.
         knob: the method's name for ``layer`` in error messages.
     """
 
     layer: int
     queries: int = 1
     keys: bool = False
+    final_norm: bool = False
+    text_after_span: bool = False
+    reselect_every_step: bool = False
     knob: str = "layer"
 
 

@@ -34,12 +34,13 @@ def dart(
     when it does not divide). Text pivots are never kept, since only visual tokens are pruned.
 
     Deviation from the reference (DART's ``get_retained_image_token``): the reference gives every pivot
-    ``int(k / n_pivots)`` tokens on top of the visual pivots and walks pivots in Python-set order, so it
-    keeps slightly more than k tokens; here the total is exactly k and the order is fixed.
+    ``budget // n_pivots`` tokens on top of the visual pivots and walks pivots in Python-set order, so it
+    keeps slightly more than k tokens and its order depends on the token indices' hashes; here the total is
+    exactly k and the order is fixed. With ``k = pivot_image + n_pivots * t`` both keep the same tokens.
 
     Args:
-        hidden: (B, N, C) visual hidden states at layer K.
-        keys: (B, N, D) visual key states at layer K (heads flattened).
+        hidden: (B, N, C) visual hidden states (in a model: layer K-1's output through the final norm).
+        keys: (B, N, D) visual key states (in a model: layer K-1's keys after RoPE, heads flattened).
         text_hidden: (B, M, C) text hidden states, or None (no text pivots).
         text_keys: (B, M, D) text key states, or None.
         k: visual tokens to keep.
@@ -82,16 +83,25 @@ class DARTReducer(Reducer):
 
     Pivots are the tokens with the largest L1 key norms (4 visual + 4 text by default); for each pivot the
     visual tokens least cosine-similar to it are kept, so near-duplicates of what is already kept are
-    dropped. From layer K on only the kept visual tokens remain, exactly as in FastV. On plain tensors
-    pass ``keys`` (and optionally ``text_hidden`` / ``text_keys``) in the TokenContext; without ``keys``
-    the tokens themselves stand in for them.
+    dropped. From layer K on only the kept visual tokens remain, exactly as in FastV. In a model the states
+    are those the reference reads (``get_retained_image_token`` in DART's modeling_llama_self.py and its
+    Qwen2-VL copy): hidden states = layer K-1's output through the model's final norm, keys = layer K-1's keys
+    after RoPE, text pivots only from the tokens after the visual span (the question). On plain tensors pass
+    ``keys`` (and optionally ``text_hidden`` / ``text_keys``) in the TokenContext; without ``keys`` the tokens
+    themselves stand in for them.
+
+    Deviations from the reference, which is batch-size-1 code for one image at a configured offset: every
+    sample of a batch and every visual span (image, anyres crop, video) is selected on its own, with its own
+    budget, its text pivots drawn from the non-visual tokens after that span (the reference takes every later
+    token, other images' tokens included); a span with no text after it has visual pivots only (the reference
+    would fail). Exactly k tokens are kept and pivots are walked in a fixed order (see :func:`dart`).
 
     Based on DART (Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models:
     Duplication Matters More", arXiv 2502.11494).
 
     Args:
         keep: visual tokens kept per span (fraction or count).
-        layer: K, the decoder layer whose states choose the tokens and from which they are pruned (default 2).
+        layer: K, the decoder layer from which the tokens are pruned; it selects on layer K-1's states (default 2).
         pivot_image: visual pivots (default 4).
         pivot_text: text pivots (default 4).
     """
@@ -108,7 +118,7 @@ class DARTReducer(Reducer):
         check_range("pivot_text", self.pivot_text, 0, 4096, integer=True)
 
     def in_llm(self) -> LayerPrune:
-        return LayerPrune(layer=self.layer, queries=0, keys=True)
+        return LayerPrune(layer=self.layer, queries=0, keys=True, final_norm=True, text_after_span=True)
 
     def _select(self, tokens: Tensor, k: int, ctx: TokenContext) -> Selection:
         keys = ctx.keys if ctx.keys is not None else tokens
