@@ -240,6 +240,17 @@ def test_cli_flags_override_yaml(tmp_path):
     assert config.batch_size == EvalConfig().batch_size
 
 
+
+def test_keep_one_fraction_and_one_token_are_two_budgets():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(["--methods", "random", "--keep", "1.0", "1", "0.5", "1.0", "1"]))
+    assert [(type(k), k) for k in config.keep] == [(float, 1.0), (int, 1), (float, 0.5)]
+    assert [s for _, s in config.settings()] == [1.0, 1.0, 1, 0.5]  # baseline, then the three budgets
+    assert config.default_run_name().endswith("keep1.0-1-0.5__8f")
+
 # -- records -------------------------------------------------------------------------------------------------
 def test_records_survive_a_torn_write(tmp_path):
     path = tmp_path / rec.MAIN

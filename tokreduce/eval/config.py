@@ -115,11 +115,12 @@ class EvalConfig:
         self.methods = expand_methods(self.methods)
         if isinstance(self.keep, (int, float)):
             self.keep = [self.keep]
-        self.keep = list(dict.fromkeys(self.keep))
-        if not self.keep:
-            raise ValueError("keep needs at least one budget, e.g. --keep 0.5 0.25")
+        if not isinstance(self.keep, (list, tuple)) or not self.keep:
+            raise ValueError(f"keep needs at least one budget, e.g. --keep 0.5 0.25; got {self.keep!r}")
         for k in self.keep:
             check_keep(k)
+        # The fraction 1.0 (every token) and the count 1 (one token) are different budgets though 1 == 1.0.
+        self.keep = list({(type(k), k): k for k in self.keep}.values())
         for method, knobs in self.knobs.items():
             if method not in self.methods:
                 raise ValueError(f"knobs given for {method!r}, which is not among methods {self.methods}")
