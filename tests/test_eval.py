@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from media_faults import write_faults
 
 from tokreduce.eval import DATASETS, EvalConfig, load_dataset, parse_letter, run_eval
 from tokreduce.eval import records as rec
@@ -113,18 +114,29 @@ def test_each_backend_reads_sampled_frames(tmp_path):
         assert frames.backend == backend
 
 
-def test_bad_videos_raise_video_error_with_reason(tmp_path):
-    with pytest.raises(VideoError, match="not found") as e:
-        read_frames(tmp_path / "nope.mp4")
-    assert e.value.reason == "missing_video"
-    corrupt = tmp_path / "corrupt.mp4"
-    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
+def test_every_fault_has_one_label_under_every_backend(tmp_path):
+    from tokreduce.image import ImageError, read_image
+
+    faults = write_faults(tmp_path, next((TOY_VIDEOS.parent / "images").iterdir()))
+    for name, (path, kind, reason) in faults.items():
+        if kind == "video":
+            readers = [lambda p, b=b: read_frames(p, backend=b) for b in available_backends()]
+        else:
+            readers = [read_image]
+        for read in readers:
+            with pytest.raises((VideoError, ImageError)) as e:
+                read(path)
+            assert e.value.reason == reason, (name, str(e.value))
+    video = TOY_VIDEOS / "vid-00000.mp4"  # 8 frames at 4 fps
     for backend in available_backends():
-        with pytest.raises(VideoError) as e:
-            read_frames(corrupt, backend=backend)
-        assert e.value.reason in ("corrupt_video", "no_frames")
+        for start, end, reason in [(float("nan"), None, "bad_time_range"), (2.0, 1.0, "bad_time_range"),
+                                   (-1.0, None, "bad_time_range"), (None, float("inf"), "bad_time_range"),
+                                   (5.0, 9.0, "no_frames")]:  # fmt: skip
+            with pytest.raises(VideoError) as e:
+                read_frames(video, start=start, end=end, backend=backend)
+            assert e.value.reason == reason, (backend, start, end, str(e.value))
     with pytest.raises(ValueError, match="backend"):
-        read_frames(corrupt, backend="opencv")
+        read_frames(video, backend="opencv")
 
 
 # -- dataset formats -----------------------------------------------------------------------------------------
@@ -364,6 +376,7 @@ def test_bad_inputs_are_recorded_and_the_run_finishes(tmp_path, backend):
         shutil.copy(TOY_VIDEOS / f"vid-0000{i}.mp4", videos)
     (videos / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(3000))
     (videos / "empty.mp4").write_bytes(b"")
+    (videos / "text.png").write_text("not an image\n")
     good = {
         "question": "which way does the red circle move ?",
         "options": ["left", "right", "up", "down"],
@@ -378,32 +391,35 @@ def test_bad_inputs_are_recorded_and_the_run_finishes(tmp_path, backend):
         {"id": "missing", "video": "videos/missing.mp4", **good},
         {"id": "badanswer", "video": "videos/vid-00001.mp4", **{**good, "answer": "sideways"}},
         {"id": "sixopts", "video": "videos/vid-00001.mp4", **{**good, "options": list("abcdef")}},
+        {"id": "text-image", "video": "videos/text.png", "media_type": "image", **good},
+        {"id": "no-image", "video": "videos/none.png", "media_type": "image", **good},
+        {"id": "nan-start", "video": "videos/vid-00000.mp4", "start": float("nan"), **good},
+        {"id": "past-end", "video": "videos/vid-00000.mp4", "start": 5.0, "end": 9.0, **good},
     ]
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = _config(tmp_path, dataset="jsonl", data=str(data), limit=None, batch_size=4, backend=backend)
     metrics = run_eval(config)
     records = {(r["id"], r["setting"]): r for r in _lines(config.run_dir())}
-    assert len(records) == 8 * 2
+    assert len(records) == len(rows) * 2
     expect = {
         "corrupt": "corrupt_video",
+        "empty": "corrupt_video",
         "missing": "missing_video",
         "badanswer": "unknown_option",
         "sixopts": "unsupported_item",
+        "text-image": "corrupt_image",
+        "no-image": "missing_image",
+        "nan-start": "bad_time_range",
+        "past-end": "no_frames",
     }
-    for item, reason in expect.items():
-        assert records[(item, "none@1.0")]["error"] == reason and records[(item, "none@1.0")]["detail"]
-    assert records[("empty", "none@1.0")]["error"] in ("corrupt_video", "no_frames")
+    for (item, _), record in records.items():
+        assert record["error"] == expect.get(item), (item, record["detail"])
+        assert (record["detail"] is None) == (item not in expect)
     for row in metrics["settings"]:
-        assert (
-            sum(
-                row["errors"].get(k, 0)
-                for k in ("corrupt_video", "missing_video", "no_frames", "unknown_option", "unsupported_item")
-            )
-            == 5
-        )
+        assert sum(row["errors"].values()) == len(expect)
         assert row["answered"] == 3 and row["scored"] == 3
-        assert row["accuracy_all"] == pytest.approx(row["correct"] / 7)  # errors count as wrong; one has no truth
+        assert row["accuracy_all"] == pytest.approx(row["correct"] / (len(rows) - 1))  # one has no truth
 
 
 @needs_toy

@@ -34,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..video import time_range_problem
+
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -142,23 +144,40 @@ def _strip_letter(option: str) -> str:
     return re.sub(r"^\(?[A-Z][).:]\s*", "", str(option).strip())
 
 
-def _make_item(id, video, root: Path, question, options, answer, **kw) -> QAItem:
+def _make_item(id, video, root: Path, question, options, answer, start=None, end=None, **kw) -> QAItem:
     options = [_strip_letter(o) for o in options]
     letter, error = answer_letter(answer, options)
     if len(options) < 2:
         error = f"unknown_option: {len(options)} option(s); a multiple-choice item needs at least 2"
+    start, end = _seconds(start), _seconds(end)
+    problem = time_range_problem(start, end)
+    if problem:
+        error = f"bad_time_range: {problem}"
     path = Path(video)
     if not path.is_absolute():
         path = root / path
     return QAItem(
-        id=str(id), video=str(path), question=str(question).strip(), options=options, answer=letter, error=error, **kw
+        id=str(id),
+        video=str(path),
+        question=str(question).strip(),
+        options=options,
+        answer=letter,
+        start=start,
+        end=end,
+        error=error,
+        **kw,
     )
 
 
-def _float_or_none(value):
+def _seconds(value):
+    """A clip bound from an annotation: None when absent, a float when numeric, else the value as text
+    (so that the item reports it as ``bad_time_range`` instead of loading failing)."""
     if value is None or value == "":
         return None
-    return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
 
 
 @register_dataset("jsonl")
@@ -195,8 +214,8 @@ def load_jsonl(path: Path, video_root: Path | None = None) -> list[QAItem]:
                     row.get("answer"),
                     category=str(row.get("category", row.get("task", ""))),
                     media_type=media_type,
-                    start=_float_or_none(row.get("start")),
-                    end=_float_or_none(row.get("end")),
+                    start=row.get("start"),
+                    end=row.get("end"),
                 )
             )
     return items
@@ -233,8 +252,8 @@ def load_mvbench(path: Path, video_root: Path | None = None) -> list[QAItem]:
                     row["candidates"],
                     row["answer"],
                     category=file.stem,
-                    start=_float_or_none(row.get("start")) if bound else None,
-                    end=_float_or_none(row.get("end")) if bound else None,
+                    start=row.get("start") if bound else None,
+                    end=row.get("end") if bound else None,
                 )
             )
     return items

@@ -24,7 +24,10 @@ from pathlib import Path
 import torch
 
 from ..flops import LMShape
+from ..image import REASONS as IMAGE_REASONS
+from ..image import ImageError, read_image
 from ..registry import get_reducer
+from ..video import REASONS as VIDEO_REASONS
 from ..video import VideoError, read_frames
 from . import distributed, records
 from .config import BASELINE, EvalConfig, setting_key
@@ -43,7 +46,8 @@ from .prompts import get_prompter
 log = logging.getLogger("tokreduce.eval")
 
 # Errors that come from the input itself: rerunning cannot fix them, so they are never retried.
-INPUT_ERRORS = ("missing_video", "corrupt_video", "no_frames", "unknown_option", "unsupported_item", "input_error")
+INPUT_ERRORS = (*VIDEO_REASONS, *IMAGE_REASONS, "unknown_option", "unsupported_item", "input_error")
+MEDIA_ERRORS = (VideoError, ImageError)
 # Errors of the model or method that a rerun (other device, fixed adapter) may fix: --retry-errors.
 RUN_ERRORS = ("model_error", "method_error")
 UNPARSABLE = "unparsable_answer"  # the model ran; its answer counts as wrong
@@ -177,17 +181,9 @@ def _chunks(groups: list[list[QAItem]], size: int) -> list[list[list[QAItem]]]:
 
 
 def _load_media(item: QAItem, config: EvalConfig):
-    """(T, H, W, 3) uint8 frames of a video, or an RGB PIL image. Raises VideoError for bad files."""
+    """(T, H, W, 3) uint8 frames of a video, or an RGB PIL image. Raises one of MEDIA_ERRORS for bad files."""
     if item.media_type == "image":
-        from PIL import Image
-
-        if not os.path.isfile(item.video):
-            raise VideoError("missing_video", f"image file not found: {item.video}")
-        try:
-            with Image.open(item.video) as image:
-                return image.convert("RGB")
-        except Exception as e:
-            raise VideoError("corrupt_video", f"cannot read image {item.video}: {e}") from e
+        return read_image(item.video)
     frames = read_frames(item.video, config.frames, config.sampling, config.fps, item.start, item.end, config.backend)
     return frames.array
 
@@ -195,7 +191,7 @@ def _load_media(item: QAItem, config: EvalConfig):
 def _safe_load(item: QAItem, config: EvalConfig):
     try:
         return _load_media(item, config)
-    except VideoError as e:
+    except MEDIA_ERRORS as e:
         return e
 
 
@@ -265,7 +261,7 @@ class _Worker:
                 loaded = media[item.media_key()]
                 if item.error:
                     self._error(item, method, keep, item.error.split(":")[0], item.error)
-                elif isinstance(loaded, VideoError):
+                elif isinstance(loaded, MEDIA_ERRORS):
                     self._error(item, method, keep, loaded.reason, str(loaded))
                 elif (reason := self.prompter.check(item)) is not None:
                     self._error(item, method, keep, reason.split(":")[0], reason)
