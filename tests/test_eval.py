@@ -423,6 +423,27 @@ def test_bad_inputs_are_recorded_and_the_run_finishes(tmp_path, backend):
 
 
 @needs_toy
+def test_baseline_counts_the_visual_tokens_the_methods_count(tmp_path):
+    lines = toy.data_path().read_text().splitlines()
+    picked = [line for line in lines if '"image"' in line][:2] + [line for line in lines if '"video"' in line][:2]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(picked) + "\n")
+    methods = ["random", "fastv", "visionzip"]  # one method per stage: pre_llm, llm, vision
+    root = str(toy.data_path().parent)  # media paths in the annotations are relative to it
+    config = _config(tmp_path, dataset="jsonl", data=str(data), video_root=root, limit=None, methods=methods)
+    metrics = run_eval(config)
+    rows = _lines(config.run_dir())
+    assert len(rows) == 4 * 4 and all(r["error"] is None for r in rows)
+    for item in {r["id"] for r in rows}:
+        mine = {r["method"]: r for r in rows if r["id"] == item}
+        base = mine.pop("none")
+        assert base["tokens_out"] == base["tokens_in"]
+        assert {m: r["tokens_in"] for m, r in mine.items()} == {m: base["tokens_in"] for m in methods}, item
+    tokens_in = {row["method"]: row["tokens_in"] for row in metrics["settings"]}
+    assert len(set(tokens_in.values())) == 1, tokens_in
+
+
+@needs_toy
 def test_each_video_is_encoded_once_per_batch(tmp_path):
     import torch
 

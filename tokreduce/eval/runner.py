@@ -37,6 +37,7 @@ from .measure import (
     GenerationClock,
     memory_kind,
     peak_memory_mb,
+    reducible_tokens,
     reduction_layer,
     reset_peak_memory,
     sample_prefill_flops,
@@ -211,14 +212,6 @@ class _Worker:
         self.rank = rank
         self.settings = config.settings()
         self.shape = LMShape.from_config(model.config)
-        self.visual_ids = [
-            i
-            for i in (
-                getattr(model.config, n, None)
-                for n in ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
-            )
-            if i is not None
-        ]
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         self.pad_id = processor.tokenizer.pad_token_id
@@ -347,10 +340,11 @@ class _Worker:
         ids = inputs["input_ids"]
         new = out[:, ids.shape[1] :].cpu()
         texts = self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
-        visual = torch.isin(ids, torch.tensor(self.visual_ids, device=ids.device)).sum(1).tolist()
         seq_len = inputs["attention_mask"].sum(1).tolist() if "attention_mask" in inputs else [ids.shape[1]] * b
-        tokens_in = stats.tokens_in if stats is not None and len(stats.tokens_in) == b else visual
-        tokens_out = stats.tokens_out if stats is not None and len(stats.tokens_out) == b else visual
+        if stats is not None and len(stats.tokens_in) == b:
+            tokens_in, tokens_out = stats.tokens_in, stats.tokens_out
+        else:  # the baseline: the tokens a method would have counted, all kept
+            tokens_in = tokens_out = reducible_tokens(self.model, inputs)
         select_s = stats.seconds / b if stats is not None else 0.0
         layer = reduction_layer(reducer)
         peak = peak_memory_mb(self.device)
