@@ -288,6 +288,129 @@ def test_merge_sorts_dedups_and_removes_rank_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [rec.MAIN]
 
 
+# -- command line errors ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("knobs: [1]\n", "knobs must map methods to their knobs"),
+        ("methods: [divprune]\nknobs: {divprune: 3}\n", "knobs of divprune must map knob names"),
+        ("methods: [random\nkeep: 1\n", "not valid YAML (line 2, column 5)"),
+        ("- 1\n- 2\n", "expected a mapping of EvalConfig fields"),
+        ("frames: eight\n", "frames must be an int >= 1"),
+    ],
+)
+def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path, run_cli, yaml_text, message):
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    code, line = run_cli("eval", "--config", str(tmp_path / "c.yaml"), "--output", str(tmp_path / "out"))
+    assert code == 2 and message in line
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, run_cli, monkeypatch):
+    out = tmp_path / "out"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('["a list", "not an object"]\n')
+    cases = [
+        (["--device", "tpu:7"], "device must be auto, cpu, cuda or cuda:N, got 'tpu:7'"),
+        (["--methods", "fastv", "--knob", "fastv.layer=abc"], "layer must be an int in [1, 1024], got 'abc'"),
+        (["--keep", "abc"], "argument --keep"),
+        (["--dataset", f"jsonl:{rows}"], "rows.jsonl:1: expected one JSON object per line, got a list"),
+        (["--output", str(blocker / "under")], "Not a directory; pass --output DIR"),
+    ]
+    for args, message in cases:
+        code, line = run_cli("eval", "--limit", "1", "--output", str(out), *args)
+        assert code == 2 and message in line, (args, line)
+        assert not out.exists()
+    # root may write anywhere, so an unwritable folder is the file system's answer, simulated
+    monkeypatch.setattr(Path, "mkdir", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    code, line = run_cli("eval", "--limit", "1", "--output", str(out))
+    assert code == 2 and "cannot write results in" in line and "Permission denied" in line
+
+
+@needs_toy
+def test_a_knob_the_model_rejects_stops_before_any_item(tmp_path, run_cli):
+    code, line = run_cli("eval", "--methods", "random", "fastv", "--knob", "fastv.layer=99", "--limit", "2",
+                          "--output", str(tmp_path), "--run-name", "r", "--no-progress")  # fmt: skip
+    assert code == 2 and "fastv@0.5 cannot run on this model" in line and "layer must be in [1, 3]" in line
+    assert not list((tmp_path / "r").glob("predictions*"))  # not even the baseline ran
+    code, _ = run_cli("eval", "--methods", "random", "fastv", "--knob", "fastv.layer=2", "--limit", "2",
+                       "--keep", "0.5", "--output", str(tmp_path), "--run-name", "r", "--no-progress", "--no-plots")  # fmt: skip
+    assert code == 0  # the corrected knob runs in the same directory
+
+
+@needs_toy
+def test_a_run_where_every_item_failed_exits_1(tmp_path, run_cli):
+    data = tmp_path / "qa.jsonl"
+    row = {"question": "q ?", "options": ["a", "b"], "answer": "A"}
+    data.write_text("".join(json.dumps({"id": f"q{i}", "video": f"gone{i}.mp4", **row}) + "\n" for i in range(3)))
+    code, line = run_cli("eval", "--dataset", f"jsonl:{data}", "--methods", "random", "--keep", "0.5",
+                          "--output", str(tmp_path / "out"), "--no-progress", "--no-plots")  # fmt: skip
+    assert code == 1 and "every item failed in every setting (missing_video 6)" in line
+
+
+# -- one owner per run directory -----------------------------------------------------------------------------
+def test_run_lock_refuses_a_second_owner_and_frees_on_exit(tmp_path):
+    import socket
+
+    from tokreduce.eval.errors import RunFailed
+    from tokreduce.eval.lock import NAME, RunLock
+
+    first = RunLock.acquire(tmp_path / "run")
+    owner = json.loads((tmp_path / "run" / NAME).read_text())
+    assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+    with pytest.raises(RunFailed, match=rf"in use by another run \(pid {os.getpid()} on host {socket.gethostname()}"):
+        RunLock.acquire(tmp_path / "run")
+    first.release()
+    assert not (tmp_path / "run" / NAME).exists()
+    RunLock.acquire(tmp_path / "run").release()
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
+    from tokreduce.eval.lock import NAME, RunLock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from tokreduce.eval.lock import RunLock; "
+         "RunLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)", str(tmp_path)],
+        env=_env(), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match=f"pid {holder.pid}"):
+            RunLock.acquire(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads((tmp_path / NAME).read_text())["pid"] == holder.pid  # left behind by the dead run
+    lock = RunLock.acquire(tmp_path)
+    assert json.loads((tmp_path / NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+@needs_toy
+def test_a_second_run_on_the_same_directory_is_refused_and_loses_nothing(tmp_path):
+    from tokreduce.eval.errors import RunFailed
+
+    common = ["--keep", "0.5", "--limit", "12", "--batch-size", "1", "--max-new-tokens", "2", "--output",
+              str(tmp_path), "--run-name", "run", "--no-progress", "--no-plots", "--threads", "1"]  # fmt: skip
+    first = subprocess.Popen(_cli("--methods", "random", *common), env=_env(), stderr=subprocess.PIPE, text=True)
+    predictions = tmp_path / "run" / rec.MAIN
+    while first.poll() is None and not (predictions.exists() and predictions.read_bytes().count(b"\n") >= 2):
+        time.sleep(0.01)
+    assert first.poll() is None, first.stderr.read()[-2000:]
+    second = _config(tmp_path, methods=["uniform"], limit=12, batch_size=1, run_name="run")
+    with pytest.raises(RunFailed, match=f"in use by another run \\(pid {first.pid} "):
+        run_eval(second)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert len(_lines(tmp_path / "run")) == 12 * 2  # the first run's records, all of them
+    metrics = run_eval(second)  # now free: adds its own setting to the same directory
+    rows = _lines(tmp_path / "run")
+    keys = {(r["id"], r["setting"]) for r in rows}
+    assert len(rows) == len(keys) == 12 * 3 and {r["setting"] for r in rows} == {"none@1.0", "random@0.5", "uniform@0.5"}
+    assert [row["n"] for row in metrics["settings"]] == [12, 12]
+
+
 # -- end to end on the toy model -----------------------------------------------------------------------------
 def _config(tmp_path, **kw) -> EvalConfig:
     defaults = dict(
@@ -355,6 +478,57 @@ def test_end_to_end_metrics_match_a_hand_count_and_rerun_skips(tmp_path):
 
     with pytest.raises(ValueError, match="different configuration.*frames"):
         run_eval(_config(tmp_path, frames=4, run_name=run_dir.name))
+
+
+@needs_toy
+def test_an_edited_annotation_is_rescored_and_its_records_rerun(tmp_path, caplog):
+    lines = [json.loads(line) for line in toy.data_path().read_text().splitlines() if '"video"' in line][:4]
+    data = tmp_path / "qa.jsonl"
+
+    def write(rows):
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write(lines)
+    root = str(toy.data_path().parent)
+    config = _config(tmp_path, dataset="jsonl", data=str(data), video_root=root, limit=None, run_name="run")
+    before = {r["setting"]: r for r in run_eval(config)["settings"]}
+    saved = {(r["id"], r["setting"]): r for r in _lines(config.run_dir())}
+
+    edited = [dict(r) for r in lines]
+    said = saved[(lines[0]["id"], "none@1.0")]["parsed"]  # flip whether the baseline is right about item 0
+    wrong = next(letter for letter in "ABCD"[: len(lines[0]["options"])] if letter != lines[0]["answer"])
+    edited[0]["answer"] = wrong if said == lines[0]["answer"] else said
+    edited[1]["question"] = edited[1]["question"].replace("?", "now ?")
+    edited[2]["category"] = "renamed"  # reports follow it; the prediction does not depend on it
+    write(edited)
+    with caplog.at_level("INFO", logger="tokreduce.eval"):
+        after = {r["setting"]: r for r in run_eval(config)["settings"]}
+    assert "4 to do" in caplog.text  # items 0 and 1 in both settings: their annotation changed
+    rows = {(r["id"], r["setting"]): r for r in _lines(config.run_dir())}
+    assert len(rows) == 4 * 2
+    for (item, setting), row in rows.items():
+        rerun = item in (lines[0]["id"], lines[1]["id"])
+        assert (row == saved[(item, setting)]) != rerun, (item, setting)
+    for setting, row in after.items():
+        mine = [r for r in rows.values() if r["setting"] == setting]
+        truth = {r["id"]: r["answer"] for r in edited}
+        assert row["correct"] == sum(r["parsed"] == truth[r["id"]] for r in mine)  # scored against the edit
+        assert "renamed" in row["by_category"]
+    assert after["none@1.0"]["correct"] != before["none@1.0"]["correct"]
+
+
+def test_reports_score_records_against_the_current_annotation():
+    from tokreduce.eval import QAItem, summarize
+
+    item = QAItem("q", "v.mp4", "what ?", ["x", "y"], answer="B", category="now")
+    record = {"id": "q", "setting": "none@1.0", "parsed": "A", "answer": "A", "correct": True, "error": None,
+              "category": "then", "item_hash": item.fingerprint(), "tokens_in": 4, "tokens_out": 4, "prefill_s": 0.1,
+              "batch_size": 1, "select_s": 0.0, "prefill_flops": 10, "peak_mem_mb": 1.0}  # fmt: skip
+    row = summarize([record], [item], [("none", 1.0)])["settings"][0]
+    assert (row["correct"], row["scored"], row["accuracy"]) == (0, 1, 0.0)  # saved "correct" was stale
+    assert list(row["by_category"]) == ["now"]
+    stale = {**record, "item_hash": "0" * 16}  # made from another version of the annotation: not counted
+    assert summarize([stale], [item], [("none", 1.0)])["settings"][0]["n"] == 0
 
 
 @needs_toy

@@ -28,6 +28,7 @@ Formats (``--dataset FORMAT:PATH``):
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -72,6 +73,13 @@ class QAItem:
         """Questions with the same key share one decoded (and preprocessed) clip."""
         return (self.media_type, self.video, self.start, self.end)
 
+    def fingerprint(self) -> str:
+        """Hash of the annotation a record of this item was made from: media, bounds, question, options,
+        answer. A saved record whose hash differs is stale and runs again (the category is not part of it:
+        reports take the category, like the answer, from the current annotation)."""
+        fields = [self.media_type, self.video, self.start, self.end, self.question, self.options, self.answer]
+        return hashlib.sha1(json.dumps(fields + [self.error]).encode()).hexdigest()[:16]
+
 
 DATASETS: dict[str, Callable[[Path | None, Path | None], list[QAItem]]] = {}
 
@@ -102,7 +110,13 @@ def load_dataset(
     path = Path(path) if path is not None else None
     if path is not None and not path.exists():
         raise FileNotFoundError(f"{name} annotations not found: {path}")
-    items = DATASETS[name](path, Path(video_root) if video_root else None)
+    try:
+        items = DATASETS[name](path, Path(video_root) if video_root else None)
+    except (KeyError, TypeError, AttributeError, IndexError, json.JSONDecodeError) as e:
+        what = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{path} is not a {name} annotation file ({what}); see tokreduce.eval.datasets") from e
+    if not items:
+        raise ValueError(f"{name} {path or ''}: no items to evaluate")
     seen: set[str] = set()
     duplicates = [it.id for it in items if it.id in seen or seen.add(it.id)]
     if duplicates:
@@ -192,6 +206,8 @@ def load_jsonl(path: Path, video_root: Path | None = None) -> list[QAItem]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected one JSON object per line, got a {type(row).__name__}")
             video = row.get("video", row.get("media"))
             options = row.get("options", row.get("candidates"))
             missing = [

@@ -33,6 +33,8 @@ from . import distributed, records
 from .config import BASELINE, EvalConfig, setting_key
 from .datasets import QAItem, load_dataset
 from .encode_once import encode_each_video_once
+from .errors import RunFailed
+from .lock import RunLock
 from .measure import (
     GenerationClock,
     memory_kind,
@@ -71,16 +73,29 @@ def _run(config: EvalConfig, dist: distributed.Dist, device: torch.device) -> di
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     run_dir = config.run_dir()
+    items = load_dataset(config.dataset, config.data, config.video_root, config.limit)  # a bad file writes nothing
+    lock = _own_run_dir(run_dir, dist)
+    try:
+        return _run_owned(config, dist, device, run_dir, items)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_owned(
+    config: EvalConfig, dist: distributed.Dist, device: torch.device, run_dir: Path, items: list[QAItem]
+) -> dict:
     _check_run_dir(config, run_dir)
+    settings = config.settings()
+    order = [(it.id, setting_key(m, k)) for it in items for m, k in settings]
     if dist.is_main:
         _write_config(config, run_dir)
+        if records.rank_files(run_dir):  # an interrupted multi-process run: fold its files in first, so that
+            records.merge(run_dir, order)  # what this run appends is always newer than the main file
     dist.barrier(device)
 
-    items = load_dataset(config.dataset, config.data, config.video_root, config.limit)
-    settings = config.settings()
-    finished = records.load_finished(run_dir)
-    if config.retry_errors:
-        finished = {k: r for k, r in finished.items() if r.get("error") not in RUN_ERRORS}
+    fingerprints = {it.id: it.fingerprint() for it in items}
+    finished = _finished(run_dir, fingerprints, config.retry_errors)
     groups = distributed.shard(_group_by_media(items), dist.world, dist.rank)
     todo = sum(1 for g in groups for it in g for m, k in settings if (it.id, setting_key(m, k)) not in finished)
     if dist.is_main:
@@ -88,20 +103,27 @@ def _run(config: EvalConfig, dist: distributed.Dist, device: torch.device) -> di
             "%s: %d items x %d settings, %d to do on rank 0 of %d", run_dir, len(items), len(settings), todo, dist.world
         )
 
-    if todo:
-        model, processor, dtype = _load_model(config, device)
-        prompter = get_prompter(config.prompt, config.model, model)
-        with records.RecordWriter(records.shard_path(run_dir, dist.rank, dist.world)) as writer:
-            worker = _Worker(config, model, processor, prompter, device, dtype, writer, finished, dist.rank)
-            worker.run(groups, todo, show=config.progress and dist.is_main)
-    dist.barrier(device)
+    error = None
+    try:
+        if todo:
+            model, processor, dtype = _load_model(config, device)
+            _check_settings_attach(model, config)
+            prompter = get_prompter(config.prompt, config.model, model)
+            with records.RecordWriter(records.shard_path(run_dir, dist.rank, dist.world)) as writer:
+                args = (config, model, processor, prompter, device, dtype, writer, finished, fingerprints, dist.rank)
+                worker = _Worker(*args)
+                worker.run(groups, todo, show=config.progress and dist.is_main)
+    except Exception as e:  # every rank learns of it, instead of waiting for this one at a barrier
+        error = e
+    error = dist.first_error(error)
+    if error is not None:
+        raise error
 
     metrics: dict = {}
     if dist.is_main:
         from .metrics import summarize
         from .report import write_reports
 
-        order = [(it.id, setting_key(m, k)) for it in items for m, k in settings]
         merged = records.merge(run_dir, order)
         metrics = summarize(merged, items, settings, memory=memory_kind(device))
         write_reports(metrics, run_dir, plots=config.plots)
@@ -110,9 +132,35 @@ def _run(config: EvalConfig, dist: distributed.Dist, device: torch.device) -> di
 
 
 # -- run directory ------------------------------------------------------------------------------------------
+def _own_run_dir(run_dir: Path, dist: distributed.Dist) -> RunLock | None:
+    """Rank 0 takes the directory's lock for the whole process group; every rank raises if it could not."""
+    lock, error = None, None
+    if dist.is_main:
+        try:
+            lock = RunLock.acquire(run_dir)
+        except (RunFailed, ValueError) as e:
+            error = e
+    error = dist.share(error)
+    if error is not None:
+        raise error
+    return lock
+
+
+def _finished(run_dir: Path, fingerprints: dict[str, str], retry_errors: bool) -> dict[tuple[str, str], dict]:
+    """Records on disk that need no re-run: of a current item whose annotation is unchanged since."""
+    finished = {
+        key: r for key, r in records.load_finished(run_dir).items() if r.get("item_hash") == fingerprints.get(key[0])
+    }
+    if retry_errors:
+        finished = {k: r for k, r in finished.items() if r.get("error") not in RUN_ERRORS}
+    return finished
+
+
 def _check_run_dir(config: EvalConfig, run_dir: Path) -> None:
+    """Refuse to add to records made under another configuration (a run that recorded nothing, e.g. one
+    refused for a bad knob, leaves only its config.yaml, which this run replaces)."""
     saved = run_dir / "config.yaml"
-    if not saved.exists():
+    if not saved.exists() or not any(p.stat().st_size for p in records.all_files(run_dir)):
         return
     import yaml
 
@@ -128,7 +176,6 @@ def _check_run_dir(config: EvalConfig, run_dir: Path) -> None:
 
 
 def _write_config(config: EvalConfig, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / "config.yaml.tmp"
     config.to_yaml(tmp)
     os.replace(tmp, run_dir / "config.yaml")  # atomic: other ranks may be reading it
@@ -156,6 +203,21 @@ def _load_model(config: EvalConfig, device: torch.device):
     # Generation appends after the last prompt token, so shorter prompts are padded on the left.
     processor.tokenizer.padding_side = "left"
     return model, processor, dtype
+
+
+def _check_settings_attach(model, config: EvalConfig) -> None:
+    """Attach every setting's reducer once before any item runs: knobs that only the model can judge
+    (a ``layer`` beyond its depth, a stage it lacks) fail here, not as one method_error per item."""
+    for method, keep in config.settings():
+        if method == BASELINE:
+            continue
+        reducer = get_reducer(method, keep=keep, **config.knobs.get(method, {}))
+        try:
+            with reducer(model):
+                pass
+        except ValueError as e:
+            hint = "change its --knob or drop it from --methods"
+            raise ValueError(f"{setting_key(method, keep)} cannot run on this model: {e} ({hint})") from e
 
 
 # -- grouping and media -------------------------------------------------------------------------------------
@@ -200,7 +262,7 @@ def _safe_load(item: QAItem, config: EvalConfig):
 class _Worker:
     """Runs one rank's shard: decoding ahead, batching, generating, recording."""
 
-    def __init__(self, config, model, processor, prompter, device, dtype, writer, finished, rank):
+    def __init__(self, config, model, processor, prompter, device, dtype, writer, finished, fingerprints, rank):
         self.config = config
         self.model = model
         self.processor = processor
@@ -209,6 +271,7 @@ class _Worker:
         self.dtype = dtype
         self.writer = writer
         self.finished = finished
+        self.fingerprints = fingerprints  # item id -> QAItem.fingerprint(), stored in every record
         self.rank = rank
         self.settings = config.settings()
         self.shape = LMShape.from_config(model.config)
@@ -388,6 +451,7 @@ class _Worker:
             "setting": setting_key(method, keep),
             "category": item.category,
             "answer": item.answer,
+            "item_hash": self.fingerprints[item.id],
             "rank": self.rank,
         }
 
