@@ -10,6 +10,7 @@ nothing.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 from PIL import Image, UnidentifiedImageError
@@ -20,24 +21,22 @@ COMMON_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 
 class ImageError(ValueError):
-    """An image that cannot be used; ``reason`` is one of REASONS."""
+    """An image that cannot be used: ``reason`` is one of REASONS, ``detail`` says why without the path."""
 
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
+    def __init__(self, reason: str, detail: str, path: str = ""):
+        super().__init__(f"{path}: {detail}" if path else detail)
         self.reason = reason
+        self.detail = detail
 
 
-def check_image_size(width: int, height: int, max_pixels: int | None, max_side: int | None) -> None:
+def check_image_size(width: int, height: int, max_pixels: int | None, max_side: int | None, path: str = "") -> None:
     """Raise ``ImageError("image_too_large")`` when a side or the pixel count is over its limit (None: no limit)."""
     if max_side is not None and max(width, height) > max_side:
-        raise ImageError(
-            "image_too_large", f"the image is {width}x{height} px; at most {max_side} px per side are accepted"
-        )
+        detail = f"the image is {width}x{height} px; at most {max_side} px per side are accepted"
+        raise ImageError("image_too_large", detail, path)
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageError(
-            "image_too_large",
-            f"the image is {width}x{height} = {width * height:,} pixels; at most {max_pixels:,} are accepted",
-        )
+        detail = f"the image is {width}x{height} = {width * height:,} pixels; at most {max_pixels:,} are accepted"
+        raise ImageError("image_too_large", detail, path)
 
 
 def read_image(
@@ -62,19 +61,22 @@ def read_image(
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ImageError("missing_image", f"image file not found: {path}")
+        raise ImageError("missing_image", "image file not found", path)
     accepted = f" ({', '.join(formats)})" if formats else ""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
             image = Image.open(path, formats=list(formats) if formats else None)
-    except Image.DecompressionBombError as e:
-        raise ImageError("image_too_large", f"{path} would decode to too many pixels: {e}") from e
+    except Image.DecompressionBombError as e:  # over twice Pillow's limit: refused before its size is known
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)):,} pixels" if found else "more pixels than Pillow allows"
+        limit = f"at most {max_pixels:,} are accepted" if max_pixels else "a decompression bomb?"
+        raise ImageError("image_too_large", f"the image is {size}; {limit}", path) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageError("corrupt_image", f"{path} is not an image file Pillow can read{accepted}") from e
+        raise ImageError("corrupt_image", f"not an image file that can be read{accepted}", path) from e
     with image:
-        check_image_size(image.width, image.height, max_pixels, max_side)
+        check_image_size(image.width, image.height, max_pixels, max_side, path)
         try:
             return image.convert("RGB")
         except (OSError, ValueError, SyntaxError) as e:  # a damaged or truncated body behind a good header
-            raise ImageError("corrupt_image", f"{path} does not decode: {type(e).__name__}: {e}") from e
+            raise ImageError("corrupt_image", f"the image does not decode ({type(e).__name__}: {e})", path) from e
