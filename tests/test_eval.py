@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from eval_runs import FIELDS, cli_args, cli_env, launch_command, read_lines
 from media_faults import write_faults
 
 from tokreduce.eval import DATASETS, EvalConfig, load_dataset, parse_letter, run_eval
@@ -25,26 +26,11 @@ from tokreduce.eval.command import add_arguments, config_from_args
 from tokreduce.eval.config import parse_keep
 from tokreduce.video import VideoError, available_backends, read_frames, sample_indices
 
-ROOT = Path(__file__).resolve().parents[1]
 RESOURCES = Path(__file__).parent / "resources" / "eval"
 toy = pytest.importorskip("tokreduce.toy")
 HAVE_TOY = (toy.path() / "config.json").is_file()
 needs_toy = pytest.mark.skipif(not HAVE_TOY, reason="toy checkpoint missing")
 TOY_VIDEOS = toy.data_path().parent / "videos"
-FIELDS = (
-    "id",
-    "setting",
-    "prediction",
-    "parsed",
-    "correct",
-    "error",
-    "tokens_in",
-    "tokens_out",
-    "seq_len",
-    "prefill_flops",
-)
-
-
 # -- frame sampling ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("total", [1, 2, 7, 8, 9, 31, 100, 1001])
 @pytest.mark.parametrize("k", [1, 4, 8, 16])
@@ -373,7 +359,7 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from tokreduce.eval.lock import RunLock; "
          "RunLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)", str(tmp_path)],
-        env=_env(), stdout=subprocess.PIPE, text=True,
+        env=cli_env(), stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -394,7 +380,7 @@ def test_a_second_run_on_the_same_directory_is_refused_and_loses_nothing(tmp_pat
 
     common = ["--keep", "0.5", "--limit", "12", "--batch-size", "1", "--max-new-tokens", "2", "--output",
               str(tmp_path), "--run-name", "run", "--no-progress", "--no-plots", "--threads", "1"]  # fmt: skip
-    first = subprocess.Popen(_cli("--methods", "random", *common), env=_env(), stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(cli_args("--methods", "random", *common), env=cli_env(), stderr=subprocess.PIPE, text=True)
     predictions = tmp_path / "run" / rec.MAIN
     while first.poll() is None and not (predictions.exists() and predictions.read_bytes().count(b"\n") >= 2):
         time.sleep(0.01)
@@ -403,9 +389,9 @@ def test_a_second_run_on_the_same_directory_is_refused_and_loses_nothing(tmp_pat
     with pytest.raises(RunFailed, match=f"in use by another run \\(pid {first.pid} "):
         run_eval(second)
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
-    assert len(_lines(tmp_path / "run")) == 12 * 2  # the first run's records, all of them
+    assert len(read_lines(tmp_path / "run")) == 12 * 2  # the first run's records, all of them
     metrics = run_eval(second)  # now free: adds its own setting to the same directory
-    rows = _lines(tmp_path / "run")
+    rows = read_lines(tmp_path / "run")
     keys = {(r["id"], r["setting"]) for r in rows}
     assert len(rows) == len(keys) == 12 * 3 and {r["setting"] for r in rows} == {"none@1.0", "random@0.5", "uniform@0.5"}
     assert [row["n"] for row in metrics["settings"]] == [12, 12]
@@ -426,10 +412,6 @@ def _config(tmp_path, **kw) -> EvalConfig:
     return EvalConfig(**{**defaults, **kw})
 
 
-def _lines(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / rec.MAIN).read_text().splitlines()]
-
-
 def _hand_count(rows: list[dict]) -> tuple[int, int]:
     answered = [r for r in rows if r["error"] in (None, "unparsable_answer") and r["answer"] is not None]
     return sum(bool(r["correct"]) for r in answered), len(answered)
@@ -440,7 +422,7 @@ def test_end_to_end_metrics_match_a_hand_count_and_rerun_skips(tmp_path):
     config = _config(tmp_path, plots=True)
     metrics = run_eval(config)
     run_dir = config.run_dir()
-    rows = _lines(run_dir)
+    rows = read_lines(run_dir)
     assert len(rows) == 4 * 2 and len({(r["id"], r["setting"]) for r in rows}) == 8
     for row in metrics["settings"]:
         mine = [r for r in rows if r["setting"] == row["setting"]]
@@ -472,7 +454,7 @@ def test_end_to_end_metrics_match_a_hand_count_and_rerun_skips(tmp_path):
     assert [r["accuracy"] for r in again["settings"]] == [r["accuracy"] for r in metrics["settings"]]
 
     bigger = run_eval(_config(tmp_path, limit=6))  # a larger limit reuses the first 4 items' records
-    rows = _lines(run_dir)
+    rows = read_lines(run_dir)
     assert len(rows) == 12 and rows[0] == json.loads(before.splitlines()[0])
     assert bigger["settings"][0]["n"] == 6
 
@@ -492,7 +474,7 @@ def test_an_edited_annotation_is_rescored_and_its_records_rerun(tmp_path, caplog
     root = str(toy.data_path().parent)
     config = _config(tmp_path, dataset="jsonl", data=str(data), video_root=root, limit=None, run_name="run")
     before = {r["setting"]: r for r in run_eval(config)["settings"]}
-    saved = {(r["id"], r["setting"]): r for r in _lines(config.run_dir())}
+    saved = {(r["id"], r["setting"]): r for r in read_lines(config.run_dir())}
 
     edited = [dict(r) for r in lines]
     said = saved[(lines[0]["id"], "none@1.0")]["parsed"]  # flip whether the baseline is right about item 0
@@ -504,7 +486,7 @@ def test_an_edited_annotation_is_rescored_and_its_records_rerun(tmp_path, caplog
     with caplog.at_level("INFO", logger="tokreduce.eval"):
         after = {r["setting"]: r for r in run_eval(config)["settings"]}
     assert "4 to do" in caplog.text  # items 0 and 1 in both settings: their annotation changed
-    rows = {(r["id"], r["setting"]): r for r in _lines(config.run_dir())}
+    rows = {(r["id"], r["setting"]): r for r in read_lines(config.run_dir())}
     assert len(rows) == 4 * 2
     for (item, setting), row in rows.items():
         rerun = item in (lines[0]["id"], lines[1]["id"])
@@ -535,8 +517,8 @@ def test_reports_score_records_against_the_current_annotation():
 def test_batched_equals_one_at_a_time(tmp_path):
     one = run_eval(_config(tmp_path / "one", batch_size=1, limit=5))
     three = run_eval(_config(tmp_path / "three", batch_size=3, limit=5))
-    rows1 = _lines(_config(tmp_path / "one", batch_size=1).run_dir())
-    rows3 = _lines(_config(tmp_path / "three", batch_size=3).run_dir())
+    rows1 = read_lines(_config(tmp_path / "one", batch_size=1).run_dir())
+    rows3 = read_lines(_config(tmp_path / "three", batch_size=3).run_dir())
     assert [[r[k] for k in FIELDS] for r in rows1] == [[r[k] for k in FIELDS] for r in rows3]
     assert [r["correct"] for r in one["settings"]] == [r["correct"] for r in three["settings"]]
 
@@ -574,7 +556,7 @@ def test_bad_inputs_are_recorded_and_the_run_finishes(tmp_path, backend):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = _config(tmp_path, dataset="jsonl", data=str(data), limit=None, batch_size=4, backend=backend)
     metrics = run_eval(config)
-    records = {(r["id"], r["setting"]): r for r in _lines(config.run_dir())}
+    records = {(r["id"], r["setting"]): r for r in read_lines(config.run_dir())}
     assert len(records) == len(rows) * 2
     expect = {
         "corrupt": "corrupt_video",
@@ -606,7 +588,7 @@ def test_baseline_counts_the_visual_tokens_the_methods_count(tmp_path):
     root = str(toy.data_path().parent)  # media paths in the annotations are relative to it
     config = _config(tmp_path, dataset="jsonl", data=str(data), video_root=root, limit=None, methods=methods)
     metrics = run_eval(config)
-    rows = _lines(config.run_dir())
+    rows = read_lines(config.run_dir())
     assert len(rows) == 4 * 4 and all(r["error"] is None for r in rows)
     for item in {r["id"] for r in rows}:
         mine = {r["method"]: r for r in rows if r["id"] == item}
@@ -660,21 +642,13 @@ def test_each_video_is_encoded_once_per_batch(tmp_path):
     ]
     for config in runs:
         run_eval(config)
-    rows = [_lines(config.run_dir()) for config in runs]
+    rows = [read_lines(config.run_dir()) for config in runs]
     assert [[r[k] for k in FIELDS] for r in rows[0]] == [[r[k] for k in FIELDS] for r in rows[1]]
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tokreduce.cli", "eval", *args]
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 @needs_toy
 def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path):
-    args = _cli(
+    args = cli_args(
         "--methods",
         "random",
         "uniform",
@@ -696,7 +670,7 @@ def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path):
         "1",
     )
     predictions = tmp_path / "run" / rec.MAIN
-    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if predictions.exists() and predictions.read_bytes().count(b"\n") >= 10:
@@ -709,23 +683,14 @@ def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path):
     assert 10 <= len(done) < 120
     with open(predictions, "a") as f:
         f.write('{"id": "vid-000')  # as if the kill had landed inside a write
-    result = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = _lines(tmp_path / "run")
+    rows = read_lines(tmp_path / "run")
     keys = [(r["id"], r["setting"]) for r in rows]
     assert len(keys) == len(set(keys)) == 40 * 3
     first_run = {(r["id"], r["setting"]): r for r in done}
     assert all(first_run[(r["id"], r["setting"])] == r for r in rows if (r["id"], r["setting"]) in first_run)
     assert "| uniform | 0.5 | 40 |" in result.stdout
-
-
-def _launcher(name: str) -> list[str]:
-    if name == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    pytest.importorskip("accelerate")
-    # accelerate's flag is named for GPUs but launches through torchrun; the runner picks gloo on CPU.
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
-            "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0"]  # fmt: skip
 
 
 @needs_toy
@@ -734,8 +699,8 @@ def test_two_gloo_processes_equal_one(tmp_path, launcher):
     common = ["-m", "tokreduce.cli", "eval", "--methods", "random", "--keep", "0.5", "--limit", "7", "--batch-size", "2",
               "--max-new-tokens", "2", "--device", "cpu", "--no-progress", "--no-plots", "--threads", "1"]  # fmt: skip
     two = subprocess.run(
-        _launcher(launcher) + common + ["--output", str(tmp_path / "two")],
-        env=_env(),
+        launch_command(launcher) + common + ["--output", str(tmp_path / "two")],
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -745,7 +710,7 @@ def test_two_gloo_processes_equal_one(tmp_path, launcher):
     (two_dir,) = (tmp_path / "two").iterdir()
     (one_dir,) = (tmp_path / "one").iterdir()
     assert sorted(p.name for p in two_dir.glob("predictions*")) == [rec.MAIN]  # rank files merged away
-    rows1, rows2 = _lines(one_dir), _lines(two_dir)
+    rows1, rows2 = read_lines(one_dir), read_lines(two_dir)
     assert {r["rank"] for r in rows2} == {0, 1}
     assert [[r[k] for k in FIELDS] for r in rows1] == [[r[k] for k in FIELDS] for r in rows2]
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one_dir, two_dir))
