@@ -154,6 +154,11 @@ def test_uploads_are_checked_for_what_they_are(session, tmp_path):
     with pytest.raises(DemoInputError, match="PNG, JPEG, WEBP, GIF, BMP"):
         session.read_media("image", str(tiff))
     assert session.read_media("image", image).data.size == Image.open(image).size
+    photo = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[274] = 6  # EXIF orientation: rotate 90 degrees to view
+    Image.new("RGB", (40, 20)).save(photo, exif=exif)
+    assert session.read_media("image", str(photo)).data.size == (20, 40)
 
 
 def test_the_page_says_what_is_wrong_with_an_upload(session, tmp_path):

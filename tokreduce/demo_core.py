@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import tokreduce
 from tokreduce import toy
@@ -234,8 +234,10 @@ class DemoSession:
             if isinstance(value, Image.Image):
                 check_image_size(value.width, value.height, limits.max_image_pixels, limits.max_image_side)
                 rgb = value.convert("RGB")
-            else:
-                rgb = read_image(value, limits.max_image_pixels, limits.max_image_side, limits.image_formats)
+            else:  # upright as a photo viewer shows it, as Gradio's own image input did
+                rgb = ImageOps.exif_transpose(
+                    read_image(value, limits.max_image_pixels, limits.max_image_side, limits.image_formats)
+                )
         except ImageError as e:
             raise DemoInputError(f"cannot use this image: {e.detail}") from e
         return Media("image", rgb, [rgb])
