@@ -11,8 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .selection import check_count
-
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -61,14 +59,14 @@ def greedy_maxmin(x: Tensor, k: int, *, backend: str = "auto") -> Tensor:
     """Greedy max-min diversity selection on cosine distance (DivPrune): x (B, N, C) -> (B, k) long, ascending.
 
     d(i, j) = 1 - cos(x_i, x_j) in float32; the first pick is the token farthest from its nearest other token,
-    each next pick the token farthest from its nearest pick; ties go to the lower index. k >= N returns
-    every index; a negative or non-integer k raises ``ValueError``. The torch path is ``tokreduce.methods.divprune.divprune_torch``
+    each next pick the token farthest from its nearest pick; ties go to the lower index. k is clamped to
+    [0, N]; k >= N returns every index. The torch path is ``tokreduce.methods.divprune.divprune_torch``
     (an (N, N) matrix); the Triton path streams x once per pick and keeps O(N) state.
     """
     if x.ndim != 3:
         raise ValueError(f"x must be (B, N, C), got shape {tuple(x.shape)}")
     b, n, _ = x.shape
-    k = min(check_count("k", k), n)
+    k = max(0, min(int(k), n))
     if k == 0:
         return torch.empty(b, 0, dtype=torch.long, device=x.device)
     if _use_triton(backend, x):
