@@ -2,14 +2,17 @@
 
 The loop, per rank:
 
-1. Load the items, group questions by clip (each clip is decoded and preprocessed once for all its
-   questions and all settings), give each rank a shard of the groups.
+1. Load the items; rank 0 takes the run directory's lock for the whole run (``lock``). Group questions
+   by clip (each clip is decoded and preprocessed once for all its questions and all settings), give
+   each rank a shard of the groups.
 2. Decode the next clips on worker threads while the model works on the current ones.
 3. For each chunk of clips and each (method, keep) setting, run left-padded batched ``generate`` with
    the reducer attached, time prefill apart from decoding, and append one record per question.
-4. Rank 0 merges the records of all ranks, scores them and writes metrics.json, summary.md and plots.
+4. Rank 0 merges the records of all ranks, scores them against the current annotations and writes
+   metrics.json, summary.md and plots.
 
-Finished records are skipped on a rerun, so an interrupted run resumes where it stopped.
+Finished records are skipped on a rerun, so an interrupted run resumes where it stopped; a record whose
+item's annotation has changed since (``QAItem.fingerprint``) is not finished and runs again.
 """
 
 from __future__ import annotations
