@@ -4,7 +4,7 @@ every kind of corrupt media, then a launcher killed under its workers.
 
 After the last rerun, every question has exactly one record per setting, none lost or duplicated, and the
 records and metrics equal those of one uninterrupted run on the final annotation. Runs use the toy model
-with two-token answers, so the whole module takes well under a minute of CPU per test.
+with two-token answers on a few dozen questions.
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ def test_killed_concurrent_edited_torn_and_corrupt_loses_and_duplicates_nothing(
 
     write(data, first)
     kills, refused = 0, False
-    for round in range(4):
-        if round == 2:
+    for attempt in range(3):
+        if attempt == 2:
             write(data, final)  # what the earlier rounds recorded for the two edited items is now stale
         proc = subprocess.Popen(cli_args(*faulted), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         start = count(run_dir)
@@ -137,8 +137,8 @@ def test_killed_concurrent_edited_torn_and_corrupt_loses_and_duplicates_nothing(
         proc.wait()
         assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read().decode()[-2000:]
         with open(run_dir / rec.MAIN, "a") as f:  # as if the kill had landed in a write, or a disk had garbled one
-            f.write("garbage, not json\n" if round % 2 else '{"id": "vid-0')
-    assert kills >= 3 and refused, "the runs finished before the faults could hit them"
+            f.write("garbage, not json\n" if attempt == 1 else '{"id": "vid-0')
+    assert kills == 3 and refused, "a run finished before the faults could hit it"
 
     assert run_cli("eval", *faulted)[0] == 0  # the last rerun, in this process
     check_against(tmp_path / "reference" / "run", run_dir, len(first), 2)
@@ -150,7 +150,7 @@ def test_killed_concurrent_edited_torn_and_corrupt_loses_and_duplicates_nothing(
 
 
 def test_killing_the_launcher_stops_its_workers_and_a_rerun_completes(tmp_path):
-    flags = ["--methods", "random", "--keep", "0.5", "--limit", "24", "--batch-size", "1", "--max-new-tokens", "2",
+    flags = ["--methods", "random", "--keep", "0.5", "--limit", "16", "--batch-size", "1", "--max-new-tokens", "2",
              "--device", "cpu", "--no-progress", "--no-plots", "--threads", "1", "--run-name", "run"]  # fmt: skip
     run_dir = tmp_path / "two" / "run"
     command = launch_command("torchrun") + ["-m", "tokreduce.cli", "eval", *flags, "--output", str(tmp_path / "two")]
@@ -166,13 +166,13 @@ def test_killing_the_launcher_stops_its_workers_and_a_rerun_completes(tmp_path):
         assert time.monotonic() < deadline, "the workers outlived their launcher"
         time.sleep(0.05)
     written = count(run_dir)
-    assert written < 24 * 2  # killed part way
+    assert written < 16 * 2  # killed part way
 
     rerun = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=DEADLINE_S)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    run_eval(EvalConfig(methods=["random"], keep=[0.5], limit=24, batch_size=1, max_new_tokens=2, device="cpu",
+    run_eval(EvalConfig(methods=["random"], keep=[0.5], limit=16, batch_size=1, max_new_tokens=2, device="cpu",
                         progress=False, plots=False, threads=1, output=str(tmp_path / "one"), run_name="run"))  # fmt: skip
-    check_against(tmp_path / "one" / "run", run_dir, 24, 2)
+    check_against(tmp_path / "one" / "run", run_dir, 16, 2)
 
 
 def children(pid: int) -> list[int]:
