@@ -14,6 +14,7 @@ import argparse
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -251,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python demo/app.py [--model DIR]``: the same as ``tokreduce demo``."""
-    parser = argparse.ArgumentParser(prog="tokreduce demo", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``python demo/app.py [--model DIR]``: the same as ``tokreduce demo``, errors and exit codes included."""
+    from .cli import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import pickle
 import sys
 import threading
 import time
@@ -21,7 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..cli import USAGE_ERRORS
 from ..devices import resolve_device
+from .errors import RunFailed
 
 
 @dataclass
@@ -52,18 +53,22 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def first_error(self, error: BaseException | None) -> BaseException | None:
-        """The first rank's error (in rank order), on every rank; a collective, so no rank waits forever
-        at a barrier for one that failed. Errors that cannot be pickled travel as RuntimeError text."""
+    def first_error(self, error: Exception | None) -> Exception | None:
+        """The first failing rank's error, on every rank: a collective, so no rank waits forever at a barrier
+        for one that failed. That rank gets its own exception back; the others a ValueError (a request
+        that cannot run) or RunFailed carrying its message, since not every exception survives pickling."""
         if self.world == 1:
             return error
-        try:
-            pickle.dumps(error)
-        except Exception:
-            error = RuntimeError(f"{type(error).__name__}: {error}")
-        errors: list = [None] * self.world
-        dist.all_gather_object(errors, error)
-        return next((e for e in errors if e is not None), None)
+        usage = isinstance(error, USAGE_ERRORS)
+        text = None if error is None else str(error) if usage else f"{type(error).__name__}: {error}"
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, None if error is None else (usage, text))
+        for rank, sent in enumerate(gathered):
+            if sent is not None:
+                if rank == self.rank:
+                    return error
+                return (ValueError if sent[0] else RunFailed)(f"rank {rank}: {sent[1]}")
+        return None
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
