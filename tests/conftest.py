@@ -182,6 +182,29 @@ def anyres_inputs(model, seed=0, size=(28, 50), frames=4):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **kw}
 
 
+@pytest.fixture
+def run_cli(capsys):
+    """``run_cli("eval", *flags)``: ``tokreduce`` in this process -> (exit code, its one error line on stderr).
+
+    Fails the test if stderr holds a traceback, or an error line unless the command failed.
+    """
+
+    def run(*args: str) -> tuple[int, str]:
+        from tokreduce import cli
+
+        try:
+            code = cli.main(list(args))
+        except SystemExit as e:  # argparse
+            code = e.code
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        errors = [line for line in err.splitlines() if line.startswith(f"tokreduce {args[0]}: error: ")]
+        assert len(errors) == (code != 0), err[-2000:]
+        return code, errors[0] if errors else ""
+
+    return run
+
+
 # ==========================================================================================================
 # Qwen-VL family (qwen2_vl, qwen2_5_vl, qwen3_vl): tiny random models and hand-built inputs
 # ==========================================================================================================

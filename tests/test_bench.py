@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from tokreduce.cli import main as cli_main
 from tokreduce.eval.bench import COLUMNS, build_model, cache_layer_bytes, main, make_prompt, prefill
 
 
@@ -55,8 +54,8 @@ def test_cache_bytes_follow_layer_k_pruning():
     assert cache_layer_bytes(type("C", (), {"layers": []})()) == []
 
 
-def test_cli_registers_bench_and_rejects_unknown_names(tmp_path):
-    with pytest.raises(ValueError, match="unknown method 'nope'"):
-        cli_main(["bench", "--models", "tiny-qwen2-vl", "--methods", "nope", "--out", str(tmp_path)])
+def test_cli_registers_bench_and_rejects_unknown_names(tmp_path, run_cli):
+    code, line = run_cli("bench", "--models", "tiny-qwen2-vl", "--methods", "nope", "--out", str(tmp_path))
+    assert code == 2 and "unknown method 'nope'" in line
     with pytest.raises(ValueError, match="unknown bench model"):
         build_model("gpt-17")

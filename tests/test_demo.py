@@ -3,9 +3,12 @@
 No Gradio needed: the app only lays out what these functions return.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from media_faults import write_faults
 from PIL import Image
 
 import tokreduce
@@ -111,7 +114,7 @@ def test_vision_stage_method_runs_on_the_toy_model(session):
 def test_input_limits_have_clear_messages(session):
     with pytest.raises(DemoInputError, match="no image given"):
         session.read_media("image", None)
-    with pytest.raises(DemoInputError, match="up to 4096 px"):
+    with pytest.raises(DemoInputError, match="at most 4096 px per side"):
         session.read_media("image", Image.new("RGB", (5000, 10)))
     video = next(e for e in session.examples if e.kind == "video").media
     strict = DemoSession(session.model, session.processor, limits=Limits(max_video_seconds=0.5))
@@ -121,6 +124,95 @@ def test_input_limits_have_clear_messages(session):
     with pytest.raises(DemoInputError, match="question"):
         session.compare(media, "  ", "divprune", keep=0.5)
 
+
+
+def test_uploads_are_checked_for_what_they_are(session, tmp_path):
+    image = next(e for e in session.examples if e.kind == "image").media
+    faults = write_faults(tmp_path, Path(image))
+    expect = {
+        "text_image": "not an image file that can be read",
+        "random_image": "not an image file that can be read",
+        "truncated_image": "the image does not decode",
+        "bomb_image": "the image is 400,000,000 pixels; at most 16,777,216 are accepted",
+        "text_video": "not a video file that can be decoded",
+        "image_as_video": "not a video file that can be decoded",
+        "audio_only": "not a video file that can be decoded",
+    }
+    for name, message in expect.items():
+        path, kind, _ = faults[name]
+        with pytest.raises(DemoInputError, match=message) as e:
+            session.read_media(kind, str(path))
+        assert str(tmp_path) not in str(e.value), "no server paths in what the user sees"
+    assert Path(faults["bomb_image"][0]).stat().st_size < 100_000  # a small file that would decode to 1.2 GB
+    big = tmp_path / "big.png"
+    Image.new("RGB", (3000, 3000)).save(big)  # within the side limit, over the pixel limit below
+    strict = DemoSession(session.model, session.processor, limits=Limits(max_image_pixels=4_000_000))
+    with pytest.raises(DemoInputError, match="3000x3000 = 9,000,000 pixels; at most 4,000,000"):
+        strict.read_media("image", str(big))
+    tiff = tmp_path / "ok.tiff"
+    Image.new("RGB", (8, 8)).save(tiff)  # a real image, but not a format the demo accepts
+    with pytest.raises(DemoInputError, match="PNG, JPEG, WEBP, GIF, BMP"):
+        session.read_media("image", str(tiff))
+    assert session.read_media("image", image).data.size == Image.open(image).size
+    photo = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[274] = 6  # EXIF orientation: rotate 90 degrees to view
+    Image.new("RGB", (40, 20)).save(photo, exif=exif)
+    assert session.read_media("image", str(photo)).data.size == (20, 40)
+
+
+def test_the_page_says_what_is_wrong_with_an_upload(session, tmp_path):
+    """Through the served app (as the browser calls it): the reason comes back as the error message, a file
+    over the upload limit gets HTTP 413, and the server keeps answering afterwards."""
+    pytest.importorskip("gradio")
+    client_lib = pytest.importorskip("gradio_client")
+    import socket
+
+    import httpx
+
+    from tokreduce.demo_app import build_app, launch
+
+    small = DemoSession(session.model, session.processor, session.examples, Limits(1, timing_repeats=1, max_new_tokens=2))
+    app = build_app(small)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch(app, small, port=port, block=False)
+    try:
+        assert app.local_url == f"http://127.0.0.1:{port}/" and not app.share
+        client = client_lib.Client(app.local_url, verbose=False)
+        example = next(e for e in small.examples if e.kind == "image")
+        faults = write_faults(tmp_path, Path(example.media))
+
+        def run(image):
+            upload = None if image is None else client_lib.handle_file(str(image))
+            return client.predict(upload, None, example.question, "divprune", 0.25, 2, api_name="/on_run")
+
+        for name, message in [("text_image", "not an image file"), ("random_image", "not an image file"),
+                              ("bomb_image", "400,000,000 pixels")]:  # fmt: skip
+            with pytest.raises(client_lib.exceptions.AppError, match=message):
+                run(faults[name][0])
+        with pytest.raises(client_lib.exceptions.AppError, match="no image given"):
+            run(None)
+        too_big = tmp_path / "big.png"
+        too_big.write_bytes(b"\0" * 1_100_000)
+        upload = httpx.post(f"{app.local_url}gradio_api/upload", files={"files": ("big.png", too_big.read_bytes())})
+        assert upload.status_code == 413
+        status, full, reduced, overlay, numbers = run(example.media)  # still serving
+        assert full and reduced and overlay and "divprune" in numbers
+    finally:
+        app.close()
+
+
+def test_demo_flags_are_one_line_and_exit_2(run_cli):
+    for args, message in [
+        (["--max-upload-mb", "-5"], "argument --max-upload-mb: must be a whole number > 0, got '-5'"),
+        (["--max-video-seconds", "nan"], "argument --max-video-seconds: must be a number > 0"),
+        (["--model", "/nonexistent"], "--model /nonexistent: not a checkpoint directory"),
+        (["--device", "tpu:7"], "device must be"),
+    ]:
+        code, line = run_cli("demo", *args)
+        assert code == 2 and message in line, (args, line)
 
 # -- drawing ----------------------------------------------------------------------------------------------
 def solid(value=200, size=(48, 32)):

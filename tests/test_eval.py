@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from eval_runs import FIELDS, cli_args, cli_env, launch_command, read_lines
+from media_faults import write_faults
 
 from tokreduce.eval import DATASETS, EvalConfig, load_dataset, parse_letter, run_eval
 from tokreduce.eval import records as rec
@@ -24,26 +26,11 @@ from tokreduce.eval.command import add_arguments, config_from_args
 from tokreduce.eval.config import parse_keep
 from tokreduce.video import VideoError, available_backends, read_frames, sample_indices
 
-ROOT = Path(__file__).resolve().parents[1]
 RESOURCES = Path(__file__).parent / "resources" / "eval"
 toy = pytest.importorskip("tokreduce.toy")
 HAVE_TOY = (toy.path() / "config.json").is_file()
 needs_toy = pytest.mark.skipif(not HAVE_TOY, reason="toy checkpoint missing")
 TOY_VIDEOS = toy.data_path().parent / "videos"
-FIELDS = (
-    "id",
-    "setting",
-    "prediction",
-    "parsed",
-    "correct",
-    "error",
-    "tokens_in",
-    "tokens_out",
-    "seq_len",
-    "prefill_flops",
-)
-
-
 # -- frame sampling ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("total", [1, 2, 7, 8, 9, 31, 100, 1001])
 @pytest.mark.parametrize("k", [1, 4, 8, 16])
@@ -113,18 +100,29 @@ def test_each_backend_reads_sampled_frames(tmp_path):
         assert frames.backend == backend
 
 
-def test_bad_videos_raise_video_error_with_reason(tmp_path):
-    with pytest.raises(VideoError, match="not found") as e:
-        read_frames(tmp_path / "nope.mp4")
-    assert e.value.reason == "missing_video"
-    corrupt = tmp_path / "corrupt.mp4"
-    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
+def test_every_fault_has_one_label_under_every_backend(tmp_path):
+    from tokreduce.image import ImageError, read_image
+
+    faults = write_faults(tmp_path, next((TOY_VIDEOS.parent / "images").iterdir()))
+    for name, (path, kind, reason) in faults.items():
+        if kind == "video":
+            readers = [lambda p, b=b: read_frames(p, backend=b) for b in available_backends()]
+        else:
+            readers = [read_image]
+        for read in readers:
+            with pytest.raises((VideoError, ImageError)) as e:
+                read(path)
+            assert e.value.reason == reason, (name, str(e.value))
+    video = TOY_VIDEOS / "vid-00000.mp4"  # 8 frames at 4 fps
     for backend in available_backends():
-        with pytest.raises(VideoError) as e:
-            read_frames(corrupt, backend=backend)
-        assert e.value.reason in ("corrupt_video", "no_frames")
+        for start, end, reason in [(float("nan"), None, "bad_time_range"), (2.0, 1.0, "bad_time_range"),
+                                   (-1.0, None, "bad_time_range"), (None, float("inf"), "bad_time_range"),
+                                   (5.0, 9.0, "no_frames")]:  # fmt: skip
+            with pytest.raises(VideoError) as e:
+                read_frames(video, start=start, end=end, backend=backend)
+            assert e.value.reason == reason, (backend, start, end, str(e.value))
     with pytest.raises(ValueError, match="backend"):
-        read_frames(corrupt, backend="opencv")
+        read_frames(video, backend="opencv")
 
 
 # -- dataset formats -----------------------------------------------------------------------------------------
@@ -240,6 +238,17 @@ def test_cli_flags_override_yaml(tmp_path):
     assert config.batch_size == EvalConfig().batch_size
 
 
+
+def test_keep_one_fraction_and_one_token_are_two_budgets():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(["--methods", "random", "--keep", "1.0", "1", "0.5", "1.0", "1"]))
+    assert [(type(k), k) for k in config.keep] == [(float, 1.0), (int, 1), (float, 0.5)]
+    assert [s for _, s in config.settings()] == [1.0, 1.0, 1, 0.5]  # baseline, then the three budgets
+    assert config.default_run_name().endswith("keep1.0-1-0.5__8f")
+
 # -- records -------------------------------------------------------------------------------------------------
 def test_records_survive_a_torn_write(tmp_path):
     path = tmp_path / rec.MAIN
@@ -265,6 +274,129 @@ def test_merge_sorts_dedups_and_removes_rank_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [rec.MAIN]
 
 
+# -- command line errors ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("knobs: [1]\n", "knobs must map methods to their knobs"),
+        ("methods: [divprune]\nknobs: {divprune: 3}\n", "knobs of divprune must map knob names"),
+        ("methods: [random\nkeep: 1\n", "not valid YAML (line 2, column 5)"),
+        ("- 1\n- 2\n", "expected a mapping of EvalConfig fields"),
+        ("frames: eight\n", "frames must be an int >= 1"),
+    ],
+)
+def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path, run_cli, yaml_text, message):
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    code, line = run_cli("eval", "--config", str(tmp_path / "c.yaml"), "--output", str(tmp_path / "out"))
+    assert code == 2 and message in line
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, run_cli, monkeypatch):
+    out = tmp_path / "out"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('["a list", "not an object"]\n')
+    cases = [
+        (["--device", "tpu:7"], "device must be auto, cpu, cuda or cuda:N, got 'tpu:7'"),
+        (["--methods", "fastv", "--knob", "fastv.layer=abc"], "layer must be an int in [1, 1024], got 'abc'"),
+        (["--keep", "abc"], "argument --keep"),
+        (["--dataset", f"jsonl:{rows}"], "rows.jsonl:1: expected one JSON object per line, got a list"),
+        (["--output", str(blocker / "under")], "Not a directory; pass --output DIR"),
+    ]
+    for args, message in cases:
+        code, line = run_cli("eval", "--limit", "1", "--output", str(out), *args)
+        assert code == 2 and message in line, (args, line)
+        assert not out.exists()
+    # root may write anywhere, so an unwritable folder is the file system's answer, simulated
+    monkeypatch.setattr(Path, "mkdir", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    code, line = run_cli("eval", "--limit", "1", "--output", str(out))
+    assert code == 2 and "cannot write results in" in line and "Permission denied" in line
+
+
+@needs_toy
+def test_a_knob_the_model_rejects_stops_before_any_item(tmp_path, run_cli):
+    code, line = run_cli("eval", "--methods", "random", "fastv", "--knob", "fastv.layer=99", "--limit", "2",
+                          "--output", str(tmp_path), "--run-name", "r", "--no-progress")  # fmt: skip
+    assert code == 2 and "fastv@0.5 cannot run on this model" in line and "layer must be in [1, 3]" in line
+    assert not list((tmp_path / "r").glob("predictions*"))  # not even the baseline ran
+    code, _ = run_cli("eval", "--methods", "random", "fastv", "--knob", "fastv.layer=2", "--limit", "2",
+                       "--keep", "0.5", "--output", str(tmp_path), "--run-name", "r", "--no-progress", "--no-plots")  # fmt: skip
+    assert code == 0  # the corrected knob runs in the same directory
+
+
+@needs_toy
+def test_a_run_where_every_item_failed_exits_1(tmp_path, run_cli):
+    data = tmp_path / "qa.jsonl"
+    row = {"question": "q ?", "options": ["a", "b"], "answer": "A"}
+    data.write_text("".join(json.dumps({"id": f"q{i}", "video": f"gone{i}.mp4", **row}) + "\n" for i in range(3)))
+    code, line = run_cli("eval", "--dataset", f"jsonl:{data}", "--methods", "random", "--keep", "0.5",
+                          "--output", str(tmp_path / "out"), "--no-progress", "--no-plots")  # fmt: skip
+    assert code == 1 and "every item failed in every setting (missing_video 6)" in line
+
+
+# -- one owner per run directory -----------------------------------------------------------------------------
+def test_run_lock_refuses_a_second_owner_and_frees_on_exit(tmp_path):
+    import socket
+
+    from tokreduce.eval.errors import RunFailed
+    from tokreduce.eval.lock import NAME, RunLock
+
+    first = RunLock.acquire(tmp_path / "run")
+    owner = json.loads((tmp_path / "run" / NAME).read_text())
+    assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+    with pytest.raises(RunFailed, match=rf"in use by another run \(pid {os.getpid()} on host {socket.gethostname()}"):
+        RunLock.acquire(tmp_path / "run")
+    first.release()
+    assert not (tmp_path / "run" / NAME).exists()
+    RunLock.acquire(tmp_path / "run").release()
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
+    from tokreduce.eval.lock import NAME, RunLock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from tokreduce.eval.lock import RunLock; "
+         "RunLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)", str(tmp_path)],
+        env=cli_env(), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match=f"pid {holder.pid}"):
+            RunLock.acquire(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads((tmp_path / NAME).read_text())["pid"] == holder.pid  # left behind by the dead run
+    lock = RunLock.acquire(tmp_path)
+    assert json.loads((tmp_path / NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+@needs_toy
+def test_a_second_run_on_the_same_directory_is_refused_and_loses_nothing(tmp_path):
+    from tokreduce.eval.errors import RunFailed
+
+    common = ["--keep", "0.5", "--limit", "12", "--batch-size", "1", "--max-new-tokens", "2", "--output",
+              str(tmp_path), "--run-name", "run", "--no-progress", "--no-plots", "--threads", "1"]  # fmt: skip
+    first = subprocess.Popen(cli_args("--methods", "random", *common), env=cli_env(), stderr=subprocess.PIPE, text=True)
+    predictions = tmp_path / "run" / rec.MAIN
+    while first.poll() is None and not (predictions.exists() and predictions.read_bytes().count(b"\n") >= 2):
+        time.sleep(0.01)
+    assert first.poll() is None, first.stderr.read()[-2000:]
+    second = _config(tmp_path, methods=["uniform"], limit=12, batch_size=1, run_name="run")
+    with pytest.raises(RunFailed, match=f"in use by another run \\(pid {first.pid} "):
+        run_eval(second)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert len(read_lines(tmp_path / "run")) == 12 * 2  # the first run's records, all of them
+    metrics = run_eval(second)  # now free: adds its own setting to the same directory
+    rows = read_lines(tmp_path / "run")
+    keys = {(r["id"], r["setting"]) for r in rows}
+    assert len(rows) == len(keys) == 12 * 3 and {r["setting"] for r in rows} == {"none@1.0", "random@0.5", "uniform@0.5"}
+    assert [row["n"] for row in metrics["settings"]] == [12, 12]
+
+
 # -- end to end on the toy model -----------------------------------------------------------------------------
 def _config(tmp_path, **kw) -> EvalConfig:
     defaults = dict(
@@ -280,10 +412,6 @@ def _config(tmp_path, **kw) -> EvalConfig:
     return EvalConfig(**{**defaults, **kw})
 
 
-def _lines(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / rec.MAIN).read_text().splitlines()]
-
-
 def _hand_count(rows: list[dict]) -> tuple[int, int]:
     answered = [r for r in rows if r["error"] in (None, "unparsable_answer") and r["answer"] is not None]
     return sum(bool(r["correct"]) for r in answered), len(answered)
@@ -294,7 +422,7 @@ def test_end_to_end_metrics_match_a_hand_count_and_rerun_skips(tmp_path):
     config = _config(tmp_path, plots=True)
     metrics = run_eval(config)
     run_dir = config.run_dir()
-    rows = _lines(run_dir)
+    rows = read_lines(run_dir)
     assert len(rows) == 4 * 2 and len({(r["id"], r["setting"]) for r in rows}) == 8
     for row in metrics["settings"]:
         mine = [r for r in rows if r["setting"] == row["setting"]]
@@ -326,7 +454,7 @@ def test_end_to_end_metrics_match_a_hand_count_and_rerun_skips(tmp_path):
     assert [r["accuracy"] for r in again["settings"]] == [r["accuracy"] for r in metrics["settings"]]
 
     bigger = run_eval(_config(tmp_path, limit=6))  # a larger limit reuses the first 4 items' records
-    rows = _lines(run_dir)
+    rows = read_lines(run_dir)
     assert len(rows) == 12 and rows[0] == json.loads(before.splitlines()[0])
     assert bigger["settings"][0]["n"] == 6
 
@@ -335,11 +463,62 @@ def test_end_to_end_metrics_match_a_hand_count_and_rerun_skips(tmp_path):
 
 
 @needs_toy
+def test_an_edited_annotation_is_rescored_and_its_records_rerun(tmp_path, caplog):
+    lines = [json.loads(line) for line in toy.data_path().read_text().splitlines() if '"video"' in line][:4]
+    data = tmp_path / "qa.jsonl"
+
+    def write(rows):
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write(lines)
+    root = str(toy.data_path().parent)
+    config = _config(tmp_path, dataset="jsonl", data=str(data), video_root=root, limit=None, run_name="run")
+    before = {r["setting"]: r for r in run_eval(config)["settings"]}
+    saved = {(r["id"], r["setting"]): r for r in read_lines(config.run_dir())}
+
+    edited = [dict(r) for r in lines]
+    said = saved[(lines[0]["id"], "none@1.0")]["parsed"]  # flip whether the baseline is right about item 0
+    wrong = next(letter for letter in "ABCD"[: len(lines[0]["options"])] if letter != lines[0]["answer"])
+    edited[0]["answer"] = wrong if said == lines[0]["answer"] else said
+    edited[1]["question"] = edited[1]["question"].replace("?", "now ?")
+    edited[2]["category"] = "renamed"  # reports follow it; the prediction does not depend on it
+    write(edited)
+    with caplog.at_level("INFO", logger="tokreduce.eval"):
+        after = {r["setting"]: r for r in run_eval(config)["settings"]}
+    assert "4 to do" in caplog.text  # items 0 and 1 in both settings: their annotation changed
+    rows = {(r["id"], r["setting"]): r for r in read_lines(config.run_dir())}
+    assert len(rows) == 4 * 2
+    for (item, setting), row in rows.items():
+        rerun = item in (lines[0]["id"], lines[1]["id"])
+        assert (row == saved[(item, setting)]) != rerun, (item, setting)
+    for setting, row in after.items():
+        mine = [r for r in rows.values() if r["setting"] == setting]
+        truth = {r["id"]: r["answer"] for r in edited}
+        assert row["correct"] == sum(r["parsed"] == truth[r["id"]] for r in mine)  # scored against the edit
+        assert "renamed" in row["by_category"]
+    assert after["none@1.0"]["correct"] != before["none@1.0"]["correct"]
+
+
+def test_reports_score_records_against_the_current_annotation():
+    from tokreduce.eval import QAItem, summarize
+
+    item = QAItem("q", "v.mp4", "what ?", ["x", "y"], answer="B", category="now")
+    record = {"id": "q", "setting": "none@1.0", "parsed": "A", "answer": "A", "correct": True, "error": None,
+              "category": "then", "item_hash": item.fingerprint(), "tokens_in": 4, "tokens_out": 4, "prefill_s": 0.1,
+              "batch_size": 1, "select_s": 0.0, "prefill_flops": 10, "peak_mem_mb": 1.0}  # fmt: skip
+    row = summarize([record], [item], [("none", 1.0)])["settings"][0]
+    assert (row["correct"], row["scored"], row["accuracy"]) == (0, 1, 0.0)  # saved "correct" was stale
+    assert list(row["by_category"]) == ["now"]
+    stale = {**record, "item_hash": "0" * 16}  # made from another version of the annotation: not counted
+    assert summarize([stale], [item], [("none", 1.0)])["settings"][0]["n"] == 0
+
+
+@needs_toy
 def test_batched_equals_one_at_a_time(tmp_path):
     one = run_eval(_config(tmp_path / "one", batch_size=1, limit=5))
     three = run_eval(_config(tmp_path / "three", batch_size=3, limit=5))
-    rows1 = _lines(_config(tmp_path / "one", batch_size=1).run_dir())
-    rows3 = _lines(_config(tmp_path / "three", batch_size=3).run_dir())
+    rows1 = read_lines(_config(tmp_path / "one", batch_size=1).run_dir())
+    rows3 = read_lines(_config(tmp_path / "three", batch_size=3).run_dir())
     assert [[r[k] for k in FIELDS] for r in rows1] == [[r[k] for k in FIELDS] for r in rows3]
     assert [r["correct"] for r in one["settings"]] == [r["correct"] for r in three["settings"]]
 
@@ -353,6 +532,7 @@ def test_bad_inputs_are_recorded_and_the_run_finishes(tmp_path, backend):
         shutil.copy(TOY_VIDEOS / f"vid-0000{i}.mp4", videos)
     (videos / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(3000))
     (videos / "empty.mp4").write_bytes(b"")
+    (videos / "text.png").write_text("not an image\n")
     good = {
         "question": "which way does the red circle move ?",
         "options": ["left", "right", "up", "down"],
@@ -367,32 +547,56 @@ def test_bad_inputs_are_recorded_and_the_run_finishes(tmp_path, backend):
         {"id": "missing", "video": "videos/missing.mp4", **good},
         {"id": "badanswer", "video": "videos/vid-00001.mp4", **{**good, "answer": "sideways"}},
         {"id": "sixopts", "video": "videos/vid-00001.mp4", **{**good, "options": list("abcdef")}},
+        {"id": "text-image", "video": "videos/text.png", "media_type": "image", **good},
+        {"id": "no-image", "video": "videos/none.png", "media_type": "image", **good},
+        {"id": "nan-start", "video": "videos/vid-00000.mp4", "start": float("nan"), **good},
+        {"id": "past-end", "video": "videos/vid-00000.mp4", "start": 5.0, "end": 9.0, **good},
     ]
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = _config(tmp_path, dataset="jsonl", data=str(data), limit=None, batch_size=4, backend=backend)
     metrics = run_eval(config)
-    records = {(r["id"], r["setting"]): r for r in _lines(config.run_dir())}
-    assert len(records) == 8 * 2
+    records = {(r["id"], r["setting"]): r for r in read_lines(config.run_dir())}
+    assert len(records) == len(rows) * 2
     expect = {
         "corrupt": "corrupt_video",
+        "empty": "corrupt_video",
         "missing": "missing_video",
         "badanswer": "unknown_option",
         "sixopts": "unsupported_item",
+        "text-image": "corrupt_image",
+        "no-image": "missing_image",
+        "nan-start": "bad_time_range",
+        "past-end": "no_frames",
     }
-    for item, reason in expect.items():
-        assert records[(item, "none@1.0")]["error"] == reason and records[(item, "none@1.0")]["detail"]
-    assert records[("empty", "none@1.0")]["error"] in ("corrupt_video", "no_frames")
+    for (item, _), record in records.items():
+        assert record["error"] == expect.get(item), (item, record["detail"])
+        assert (record["detail"] is None) == (item not in expect)
     for row in metrics["settings"]:
-        assert (
-            sum(
-                row["errors"].get(k, 0)
-                for k in ("corrupt_video", "missing_video", "no_frames", "unknown_option", "unsupported_item")
-            )
-            == 5
-        )
+        assert sum(row["errors"].values()) == len(expect)
         assert row["answered"] == 3 and row["scored"] == 3
-        assert row["accuracy_all"] == pytest.approx(row["correct"] / 7)  # errors count as wrong; one has no truth
+        assert row["accuracy_all"] == pytest.approx(row["correct"] / (len(rows) - 1))  # one has no truth
+
+
+@needs_toy
+def test_baseline_counts_the_visual_tokens_the_methods_count(tmp_path):
+    lines = toy.data_path().read_text().splitlines()
+    picked = [line for line in lines if '"image"' in line][:2] + [line for line in lines if '"video"' in line][:2]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(picked) + "\n")
+    methods = ["random", "fastv", "visionzip"]  # one method per stage: pre_llm, llm, vision
+    root = str(toy.data_path().parent)  # media paths in the annotations are relative to it
+    config = _config(tmp_path, dataset="jsonl", data=str(data), video_root=root, limit=None, methods=methods)
+    metrics = run_eval(config)
+    rows = read_lines(config.run_dir())
+    assert len(rows) == 4 * 4 and all(r["error"] is None for r in rows)
+    for item in {r["id"] for r in rows}:
+        mine = {r["method"]: r for r in rows if r["id"] == item}
+        base = mine.pop("none")
+        assert base["tokens_out"] == base["tokens_in"]
+        assert {m: r["tokens_in"] for m, r in mine.items()} == {m: base["tokens_in"] for m in methods}, item
+    tokens_in = {row["method"]: row["tokens_in"] for row in metrics["settings"]}
+    assert len(set(tokens_in.values())) == 1, tokens_in
 
 
 @needs_toy
@@ -438,21 +642,13 @@ def test_each_video_is_encoded_once_per_batch(tmp_path):
     ]
     for config in runs:
         run_eval(config)
-    rows = [_lines(config.run_dir()) for config in runs]
+    rows = [read_lines(config.run_dir()) for config in runs]
     assert [[r[k] for k in FIELDS] for r in rows[0]] == [[r[k] for k in FIELDS] for r in rows[1]]
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tokreduce.cli", "eval", *args]
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 @needs_toy
 def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path):
-    args = _cli(
+    args = cli_args(
         "--methods",
         "random",
         "uniform",
@@ -474,7 +670,7 @@ def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path):
         "1",
     )
     predictions = tmp_path / "run" / rec.MAIN
-    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if predictions.exists() and predictions.read_bytes().count(b"\n") >= 10:
@@ -487,23 +683,14 @@ def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path):
     assert 10 <= len(done) < 120
     with open(predictions, "a") as f:
         f.write('{"id": "vid-000')  # as if the kill had landed inside a write
-    result = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = _lines(tmp_path / "run")
+    rows = read_lines(tmp_path / "run")
     keys = [(r["id"], r["setting"]) for r in rows]
     assert len(keys) == len(set(keys)) == 40 * 3
     first_run = {(r["id"], r["setting"]): r for r in done}
     assert all(first_run[(r["id"], r["setting"])] == r for r in rows if (r["id"], r["setting"]) in first_run)
     assert "| uniform | 0.5 | 40 |" in result.stdout
-
-
-def _launcher(name: str) -> list[str]:
-    if name == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    pytest.importorskip("accelerate")
-    # accelerate's flag is named for GPUs but launches through torchrun; the runner picks gloo on CPU.
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
-            "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0"]  # fmt: skip
 
 
 @needs_toy
@@ -512,8 +699,8 @@ def test_two_gloo_processes_equal_one(tmp_path, launcher):
     common = ["-m", "tokreduce.cli", "eval", "--methods", "random", "--keep", "0.5", "--limit", "7", "--batch-size", "2",
               "--max-new-tokens", "2", "--device", "cpu", "--no-progress", "--no-plots", "--threads", "1"]  # fmt: skip
     two = subprocess.run(
-        _launcher(launcher) + common + ["--output", str(tmp_path / "two")],
-        env=_env(),
+        launch_command(launcher) + common + ["--output", str(tmp_path / "two")],
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -523,7 +710,7 @@ def test_two_gloo_processes_equal_one(tmp_path, launcher):
     (two_dir,) = (tmp_path / "two").iterdir()
     (one_dir,) = (tmp_path / "one").iterdir()
     assert sorted(p.name for p in two_dir.glob("predictions*")) == [rec.MAIN]  # rank files merged away
-    rows1, rows2 = _lines(one_dir), _lines(two_dir)
+    rows1, rows2 = read_lines(one_dir), read_lines(two_dir)
     assert {r["rank"] for r in rows2} == {0, 1}
     assert [[r[k] for k in FIELDS] for r in rows1] == [[r[k] for k in FIELDS] for r in rows2]
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one_dir, two_dir))

@@ -109,3 +109,20 @@ def test_wrong_rank_is_a_clear_error(name):
 def test_missing_context_names_the_field(name):
     with pytest.raises(ValueError, match="needs TokenContext.attention"):
         get_reducer(name, keep=0.5).select(torch.randn(1, 16, 4))
+
+
+@pytest.mark.parametrize("bad", [-1, -5, 2.5, True])
+def test_pure_functions_refuse_a_meaningless_count(bad):
+    from tokreduce import functional as F
+
+    x = torch.randn(2, 10, 4)
+    calls = {
+        "divprune": lambda k: F.divprune(x, k),
+        "dart": lambda k: F.dart(x, x, None, None, k),
+        "uniform_indices": lambda k: F.uniform_indices((1, 2, 5), k),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"k must be an int token count >= 0, got {bad!r}"):
+            call(bad)
+        assert call(0).shape[-1] == 0, name  # keeping nothing is a valid request
+        assert call(99).shape[-1] == 10, name  # more than N is clamped

@@ -3,18 +3,23 @@
 Ask a question about an image or a video, pick a method and a budget, and see both answers, which tokens
 were kept (pruned ones dimmed, merged groups in shared colours), and what it saved in tokens, prefill time
 and FLOPs. Safe by default: binds 127.0.0.1, no share link, analytics off, uploads and video length
-limited, one request at a time.
+limited, one request at a time. Uploads reach the app undecoded (``preprocess=False``): the demo checks
+each file itself (``DemoSession.read_media``: what it is, its size and pixel count before decoding) and
+says what is wrong in the page (``gradio.Error``), instead of Gradio failing on it with a bare "Error".
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import sys
 import time
 from pathlib import Path
 
 from .demo_core import DemoInputError, DemoSession, Limits, format_answer, format_numbers, method_choices, method_info
+from .devices import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +114,22 @@ def build_app(session: DemoSession):
         # UI events skip the queue so they never wait behind the single model worker.
         image_tab.select(lambda: "image", outputs=kind, queue=False)
         video_tab.select(lambda: "video", outputs=kind, queue=False)
-        image.change(_chose("image", gr), inputs=[image, kind], outputs=[kind, tabs], queue=False)
-        video.change(_chose("video", gr), inputs=[video, kind], outputs=[kind, tabs], queue=False)
+        raw = dict(queue=False, preprocess=False)  # the upload's file path, not Gradio's decoded image
+        image.change(_chose("image", gr), inputs=[image, kind], outputs=[kind, tabs], **raw)
+        video.change(_chose("video", gr), inputs=[video, kind], outputs=[kind, tabs], **raw)
         method.change(lambda name: _layer_update(gr, name, max_layer), inputs=method, outputs=layer, queue=False)
 
         def on_run(kind, image, video, question, method, keep, layer):
             try:
-                media = session.read_media(kind, image if kind == "image" else video)
+                media = session.read_media(kind, upload_path(image if kind == "image" else video))
                 result = session.compare(media, question, method, float(keep), int(layer))
             except DemoInputError as e:
-                return f"**Input:** {e}", "", "", None, ""
+                raise gr.Error(str(e), title="Input", print_exception=False) from e
             except ValueError as e:  # a method unsupported for this model, bad knobs: tokreduce says why
-                return f"**{method} could not run:** {e}", "", "", None, ""
+                raise gr.Error(str(e), title=f"{method} could not run", print_exception=False) from e
             except Exception as e:  # anything else: show it, log the traceback, keep the app up
                 log.exception("demo run failed")
-                return f"**{method} failed:** {type(e).__name__}: {e}", "", "", None, ""
+                raise gr.Error(f"{type(e).__name__}: {e}", title=f"{method} failed", print_exception=False) from e
             note = "" if result.overlay is not None else "The method recorded no selection for this input."
             return (
                 note,
@@ -133,12 +139,21 @@ def build_app(session: DemoSession):
                 format_numbers(result),
             )
 
-        run.click(
-            on_run,
-            inputs=[kind, image, video, question, method, keep, layer],
-            outputs=[status, answer_full, answer_reduced, overlay, numbers],
+        outputs = [status, answer_full, answer_reduced, overlay, numbers]
+        # Clear the last result first, so an error is never shown beside the answers of an earlier input.
+        run.click(lambda: ("", "", "", None, ""), outputs=outputs, queue=False).then(
+            on_run, inputs=[kind, image, video, question, method, keep, layer], outputs=outputs, preprocess=False
         )
     return app
+
+
+def upload_path(value) -> str | None:
+    """The server-side file of an image or video input given to a ``preprocess=False`` event (a FileData dict)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return value.get("path")
+    raise TypeError(f"unexpected upload payload {type(value).__name__}")
 
 
 def _chose(which: str, gr):
@@ -169,6 +184,7 @@ def launch(app, session: DemoSession, host: str = "127.0.0.1", port: int | None 
         server_name=host,
         server_port=port,
         share=False,
+        show_error=True,  # a gradio.Error's message (what was wrong with the input) appears in the page
         max_file_size=f"{session.limits.max_upload_mb}mb",
         ssr_mode=False,  # no Node server: faster start, fewer moving parts
         footer_links=[],
@@ -184,27 +200,49 @@ def launch(app, session: DemoSession, host: str = "127.0.0.1", port: int | None 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled toy model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1")
-    p.add_argument("--max-upload-mb", type=int, default=Limits.max_upload_mb, help="largest upload in MB")
-    p.add_argument("--max-video-seconds", type=float, default=Limits.max_video_seconds, help="longest video")
-    p.add_argument("--frames", type=_positive, default=Limits.frames, help="frames sampled from a video (default 8)")
+    p.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:1")
+    p.add_argument("--max-upload-mb", type=_positive(int), default=Limits.max_upload_mb, help="largest upload in MB")
+    p.add_argument(
+        "--max-video-seconds", type=_positive(float), default=Limits.max_video_seconds, help="longest video"
+    )
+    p.add_argument("--frames", type=_positive(int), default=Limits.frames, help="frames sampled per video (default 8)")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+def _positive(kind: type):
+    """An argparse type: a number of ``kind`` > 0."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value <= 0:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {what} > 0, got {text!r}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    value = int(text) if text.isdigit() else -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {text!r}")
     return value
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted; a bad --model or --device raises ValueError (one line and exit 2 from the CLI)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    device = str(resolve_device(args.device))
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        raise ValueError(f"--model {args.model}: not a checkpoint directory (no config.json); pass a model folder")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: the demo has no authentication; anyone who can reach this port can use it", args.host)
     start = time.perf_counter()
     limits = Limits(max_upload_mb=args.max_upload_mb, max_video_seconds=args.max_video_seconds, frames=args.frames)
-    session = DemoSession.load(args.model, device=args.device, limits=limits)
+    session = DemoSession.load(args.model, device=device, limits=limits)
     session.warm_up()
     app = build_app(session)
     launch(app, session, host=args.host, port=args.port, block=False)
@@ -214,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python demo/app.py [--model DIR]``: the same as ``tokreduce demo``."""
-    parser = argparse.ArgumentParser(prog="tokreduce demo", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``python demo/app.py [--model DIR]``: the same as ``tokreduce demo``, errors and exit codes included."""
+    from .cli import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])

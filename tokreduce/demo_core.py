@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import tokreduce
 from tokreduce import toy
 from tokreduce.flops import LMShape, layer_lengths, prefill_flops
+from tokreduce.image import COMMON_FORMATS, ImageError, check_image_size, read_image
 from tokreduce.viz import overlay_spans
 
 __all__ = [
@@ -49,17 +50,21 @@ KINDS = ("image", "video")
 
 
 class DemoInputError(ValueError):
-    """Input the demo refuses (too large, too long, missing); the message is shown to the user as is."""
+    """Input the demo refuses (not an image, too large, too long, missing); the message is shown to the user as is."""
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What the demo accepts. Uploads above ``max_upload_mb`` are refused by Gradio before they reach us.
+    """What the demo accepts. Uploads above ``max_upload_mb`` are refused by Gradio before they reach us
+    (HTTP 413); everything else is checked here, on the file itself, before anything is decoded.
 
     Attributes:
         max_upload_mb: largest uploaded file, in MB.
         max_video_seconds: longest video accepted.
         max_image_side: longest image side accepted, in pixels.
+        max_image_pixels: most pixels (width x height) an image may decode to; a small file can promise
+            billions (a decompression bomb), so this is read from the header first.
+        image_formats: image formats accepted (Pillow names).
         frames: frames sampled uniformly from a video.
         max_new_tokens: generation budget of each answer.
         timing_repeats: prefill timings per setting; the fastest is reported.
@@ -68,6 +73,8 @@ class Limits:
     max_upload_mb: int = 25
     max_video_seconds: float = 120.0
     max_image_side: int = 4096
+    max_image_pixels: int = 4096 * 4096
+    image_formats: tuple[str, ...] = COMMON_FORMATS
     frames: int = 8
     max_new_tokens: int = 8
     timing_repeats: int = 3
@@ -209,23 +216,31 @@ class DemoSession:
     def read_media(self, kind: str, value: Any) -> Media:
         """Check and load an image (PIL image or file path) or a video (file path) against the limits.
 
+        A file is checked for what it is, not what its name says: an image must be one of
+        ``limits.image_formats`` and its header must promise no more than ``limits.max_image_pixels``
+        pixels and ``limits.max_image_side`` per side before it is decoded; a video must decode.
+
         Raises:
-            DemoInputError: missing input, an image too large, a video too long or unreadable.
+            DemoInputError: missing input, not an image or video, an image too large, a video too long.
         """
         if kind not in KINDS:
             raise DemoInputError(f"media kind must be one of {KINDS}, got {kind!r}")
         if value is None:
             raise DemoInputError(f"no {kind} given: upload one or pick an example")
-        if kind == "image":
-            image = value if isinstance(value, Image.Image) else Image.open(value)  # reads the header only
-            if max(image.size) > self.limits.max_image_side:
-                raise DemoInputError(
-                    f"the image is {image.width}x{image.height} px; the demo accepts up to "
-                    f"{self.limits.max_image_side} px per side"
+        if kind == "video":
+            return self._read_video(str(value))
+        limits = self.limits
+        try:
+            if isinstance(value, Image.Image):
+                check_image_size(value.width, value.height, limits.max_image_pixels, limits.max_image_side)
+                rgb = value.convert("RGB")
+            else:  # upright as a photo viewer shows it, as Gradio's own image input did
+                rgb = ImageOps.exif_transpose(
+                    read_image(value, limits.max_image_pixels, limits.max_image_side, limits.image_formats)
                 )
-            rgb = image.convert("RGB")
-            return Media("image", rgb, [rgb])
-        return self._read_video(str(value))
+        except ImageError as e:
+            raise DemoInputError(f"cannot use this image: {e.detail}") from e
+        return Media("image", rgb, [rgb])
 
     def _read_video(self, path: str) -> Media:
         from tokreduce.video import VideoError, read_frames
@@ -235,8 +250,9 @@ class DemoSession:
             raise DemoInputError(self._too_long(seconds))
         try:
             frames = read_frames(path, num_frames=self.limits.frames)
-        except VideoError as e:
-            raise DemoInputError(f"cannot use this video: {e}") from e
+        except VideoError as e:  # said without server paths
+            why = {"corrupt_video": "it is not a video file that can be decoded", "missing_video": "no such file"}
+            raise DemoInputError(f"cannot use this video: {why.get(e.reason, e.reason)}") from e
         if frames.fps > 0 and frames.total / frames.fps > self.limits.max_video_seconds:
             raise DemoInputError(self._too_long(frames.total / frames.fps))
         return Media("video", frames.array, [Image.fromarray(f) for f in frames.array])

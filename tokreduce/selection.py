@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,21 @@ def budget(n: int, keep: float | int) -> int:
     if isinstance(keep, int):
         return min(keep, n)
     return min(n, max(1, round(keep * n)))
+
+
+def check_count(name: str, value) -> int:
+    """``value`` as an int token count >= 0; ``ValueError`` naming ``name`` otherwise.
+
+    The pure functions clamp counts above N (nothing more to keep) but refuse negative or non-integer
+    counts, which have no meaning and would otherwise come back as an empty or cryptic result.
+    """
+    try:
+        count = operator.index(value)  # ints, numpy ints, 0-d integer tensors; not floats
+    except TypeError:
+        count = None
+    if isinstance(value, bool) or count is None or count < 0:
+        raise ValueError(f"{name} must be an int token count >= 0, got {value!r}")
+    return count
 
 
 def keeps_all(keep: float | int) -> bool:

@@ -13,10 +13,16 @@ Sampling modes:
   ``num_frames``.
 
 A clip may be bounded by ``start`` / ``end`` seconds (MVBench-style ``bound``).
+
+A file that cannot be used raises :class:`VideoError` whose ``reason`` names the fault, the same under
+both backends: ``missing_video`` (no such file), ``corrupt_video`` (not a decodable video: damaged, empty,
+no video stream, an image), ``bad_time_range`` (bounds that are not finite, negative, or end before
+start: an annotation error) and ``no_frames`` (a good video, but the bounds select none of its frames).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -24,10 +30,13 @@ import numpy as np
 
 SAMPLINGS = ("uniform", "fps")
 BACKENDS = ("auto", "decord", "pyav")
+REASONS = ("missing_video", "corrupt_video", "bad_time_range", "no_frames")
+# PyAV opens still images (and GIFs) as one-stream "videos"; decord refuses them. Both refuse them here.
+IMAGE_FORMATS = ("image2", "gif", "apng")
 
 
 class VideoError(ValueError):
-    """A video that cannot be used; ``reason`` is one of "missing_video", "corrupt_video", "no_frames"."""
+    """A video that cannot be used; ``reason`` is one of REASONS (see the module docstring)."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -79,6 +88,9 @@ def sample_indices(
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    problem = time_range_problem(start, end)
+    if problem:
+        raise ValueError(problem)
     first, last = 0, total - 1
     if start is not None or end is not None:
         if fps <= 0:
@@ -106,6 +118,20 @@ def sample_indices(
         m = len(picked)
         picked = [picked[((2 * i + 1) * m) // (2 * num_frames)] for i in range(num_frames)]
     return picked
+
+
+def time_range_problem(start: float | None, end: float | None) -> str | None:
+    """Why clip bounds in seconds are unusable (not finite, negative, end before start), or None if fine."""
+    for name, value in (("start", start), ("end", end)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{name} must be a finite number of seconds, got {value!r}"
+        if value < 0:
+            return f"{name} must be >= 0 seconds, got {value!r}"
+    if start is not None and end is not None and end < start:
+        return f"end ({end!r} s) is before start ({start!r} s)"
+    return None
 
 
 def available_backends() -> list[str]:
@@ -154,10 +180,12 @@ def read_frames(
         :class:`Frames` with (T, H, W, 3) uint8 frames, T >= 1.
 
     Raises:
-        VideoError: the file is missing ("missing_video"), cannot be decoded ("corrupt_video") or has no
-            frame in the requested range ("no_frames").
+        VideoError: with the reason of the fault (module docstring), whichever backend decodes.
     """
     path = os.fspath(path)
+    problem = time_range_problem(start, end)
+    if problem:
+        raise VideoError("bad_time_range", f"bad clip bounds for {path}: {problem}")
     if not os.path.isfile(path):
         raise VideoError("missing_video", f"video file not found: {path}")
     name = _pick_backend(backend)
@@ -172,8 +200,21 @@ def read_frames(
         raise VideoError("corrupt_video", f"cannot decode {path} with {name}: {type(e).__name__}: {e}") from e
 
 
-def _no_frames(path: str, total: int) -> VideoError:
-    return VideoError("no_frames", f"video {path} has no frame in the requested range ({total} frames in the file)")
+def _corrupt(path: str, why: str) -> VideoError:
+    return VideoError("corrupt_video", f"cannot use {path} as a video: {why}")
+
+
+def _indices(path: str, total: int, num_frames, sampling, fps, target_fps, start, end) -> list[int]:
+    """The frames to decode; an empty video is corrupt, an empty range of a good video is "no_frames"."""
+    if total <= 0:
+        raise _corrupt(path, "it holds no video frames")
+    indices = sample_indices(total, num_frames, sampling, fps, target_fps, start, end)
+    if not indices:
+        raise VideoError(
+            "no_frames",
+            f"video {path} has no frame between start={start} and end={end} s ({total} frames at {fps:g} fps)",
+        )
+    return indices
 
 
 def _read_decord(path, num_frames, sampling, target_fps, start, end) -> Frames:
@@ -181,9 +222,7 @@ def _read_decord(path, num_frames, sampling, target_fps, start, end) -> Frames:
 
     vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
     total, fps = len(vr), float(vr.get_avg_fps() or 0.0)
-    indices = sample_indices(total, num_frames, sampling, fps, target_fps, start, end)
-    if not indices:
-        raise _no_frames(path, total)
+    indices = _indices(path, total, num_frames, sampling, fps, target_fps, start, end)
     array = vr.get_batch(indices).asnumpy()
     return Frames(array=array, indices=indices, total=total, fps=fps, backend="decord")
 
@@ -192,8 +231,11 @@ def _read_pyav(path, num_frames, sampling, target_fps, start, end) -> Frames:
     import av
 
     with av.open(path) as container:
+        kind = container.format.name
+        if kind in IMAGE_FORMATS or kind.endswith("_pipe"):
+            raise _corrupt(path, f"it is an image ({kind}), not a video")
         if not container.streams.video:
-            raise _no_frames(path, 0)
+            raise _corrupt(path, "it has no video stream")
         stream = container.streams.video[0]
         fps = float(stream.average_rate or 0.0)
         total = stream.frames
@@ -201,18 +243,12 @@ def _read_pyav(path, num_frames, sampling, target_fps, start, end) -> Frames:
             # Some containers do not store a frame count; count packets without decoding them.
             total = sum(1 for packet in container.demux(stream) if packet.size > 0)
             container.seek(0)
-        indices = sample_indices(total, num_frames, sampling, fps, target_fps, start, end)
-        if not indices:
-            raise _no_frames(path, total)
+        indices = _indices(path, total, num_frames, sampling, fps, target_fps, start, end)
         frames, decoded = _decode_pyav(container, stream, indices)
     if len(frames) < len(indices):
         # Truncated file: fewer decodable frames than the header promised. Resample over what exists
         # so the clip is still covered uniformly, as decord does when its index is shorter.
-        if decoded == 0:
-            raise _no_frames(path, 0)
-        indices = sample_indices(decoded, num_frames, sampling, fps, target_fps, start, end)
-        if not indices:
-            raise _no_frames(path, decoded)
+        indices = _indices(path, decoded, num_frames, sampling, fps, target_fps, start, end)
         with av.open(path) as container:
             frames, _ = _decode_pyav(container, container.streams.video[0], indices)
         total = decoded

@@ -1,14 +1,19 @@
-"""The ``tokreduce eval`` subcommand: flags -> EvalConfig (YAML first, then flags) -> run_eval."""
+"""The ``tokreduce eval`` subcommand: flags -> EvalConfig (YAML first, then flags) -> run_eval.
+
+Exit codes: 0 when the run finished and the model answered at least one question; 2 when the request
+cannot run as given (flags, config, knobs, paths, data); 1 when the run failed: its directory is in use
+by another run, or every item of every setting failed (missing media, a method that cannot run, ...).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
+from collections import Counter
 
 from ..video import BACKENDS, SAMPLINGS
 from .config import DTYPES, PROMPTS, EvalConfig, parse_keep
+from .errors import RunFailed
 
 EXAMPLES = """examples:
   tokreduce eval                                      # toy model, toy video QA, default sweep
@@ -102,7 +107,10 @@ def _knobs(specs: list[str]) -> dict[str, dict]:
         method, dot, knob = name.partition(".")
         if not sep or not dot or not method or not knob:
             raise ValueError(f"--knob {spec!r}: expected METHOD.NAME=VALUE, e.g. fastv.layer=3")
-        knobs.setdefault(method, {})[knob] = yaml.safe_load(value)
+        try:
+            knobs.setdefault(method, {})[knob] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--knob {spec!r}: cannot read the value {value!r} (a number, true/false or text)") from e
     return knobs
 
 
@@ -122,19 +130,22 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run; errors propagate to ``tokreduce.cli.main``, which prints them on one line with their exit code."""
     from .report import markdown_table
     from .runner import run_eval
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    try:
-        config = config_from_args(args)
-        metrics = run_eval(config)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        if os.environ.get("TOKREDUCE_DEBUG"):
-            raise
-        print(f"tokreduce eval: error: {e}\n(set TOKREDUCE_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 2
+    config = config_from_args(args)
+    metrics = run_eval(config)
     if metrics:
         print(markdown_table(metrics))
         print(f"\nresults in {config.run_dir()}")
+        if not any(row["answered"] for row in metrics["settings"]):
+            errors: Counter = Counter()
+            for row in metrics["settings"]:
+                errors.update(row["errors"])
+            summary = ", ".join(f"{reason} {n}" for reason, n in errors.most_common())
+            raise RunFailed(
+                f"every item failed in every setting ({summary}); see {config.run_dir() / 'predictions.jsonl'}"
+            )
     return 0

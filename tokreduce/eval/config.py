@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..base import check_keep
-from ..registry import list_reducers, reducer_class
+from ..devices import check_device_name
+from ..registry import get_reducer, list_reducers, reducer_class
 from ..video import BACKENDS, SAMPLINGS
 
 BASELINE = "none"  # the unreduced model; always part of a run
@@ -22,6 +23,11 @@ PRESETS: dict[str, list[str]] = {
 }
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Field types a YAML file can get wrong (numbers and lists are checked with their values).
+TEXT_FIELDS = (
+    "model", "dataset", "data", "video_root", "sampling", "backend", "prompt", "dtype", "device", "output", "run_name",
+)  # fmt: skip
+FLAG_FIELDS = ("encode_once", "retry_errors", "progress", "plots")
 PROMPTS = ("auto", "toy", "chat")
 
 # Fields that change what a record means. A run directory refuses to resume under different values;
@@ -108,6 +114,13 @@ class EvalConfig:
     def __post_init__(self):
         from .datasets import DATASETS  # late: datasets imports this module's neighbours
 
+        for name in TEXT_FIELDS:
+            value = getattr(self, name)
+            if not (isinstance(value, str) or (value is None and name != "output")):
+                raise ValueError(f"{name} must be text, got {value!r}")
+        for name in FLAG_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}")
         if self.dataset != "toy" and not self.data:
@@ -115,18 +128,13 @@ class EvalConfig:
         self.methods = expand_methods(self.methods)
         if isinstance(self.keep, (int, float)):
             self.keep = [self.keep]
-        self.keep = list(dict.fromkeys(self.keep))
-        if not self.keep:
-            raise ValueError("keep needs at least one budget, e.g. --keep 0.5 0.25")
+        if not isinstance(self.keep, (list, tuple)) or not self.keep:
+            raise ValueError(f"keep needs at least one budget, e.g. --keep 0.5 0.25; got {self.keep!r}")
         for k in self.keep:
             check_keep(k)
-        for method, knobs in self.knobs.items():
-            if method not in self.methods:
-                raise ValueError(f"knobs given for {method!r}, which is not among methods {self.methods}")
-            allowed = {f.name for f in dataclasses.fields(reducer_class(method)) if f.init} - {"keep"}
-            unknown = sorted(set(knobs) - allowed)
-            if unknown:
-                raise ValueError(f"{method} has no knob(s) {unknown}; its knobs are {sorted(allowed)}")
+        # The fraction 1.0 (every token) and the count 1 (one token) are different budgets though 1 == 1.0.
+        self.keep = list({(type(k), k): k for k in self.keep}.values())
+        check_knobs(self.knobs, self.methods, self.keep)
         _positive_int("frames", self.frames)
         _positive_int("batch_size", self.batch_size)
         _positive_int("max_new_tokens", self.max_new_tokens)
@@ -137,7 +145,7 @@ class EvalConfig:
             _positive_int("threads", self.threads)
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
-        if not self.fps > 0:
+        if isinstance(self.fps, bool) or not isinstance(self.fps, (int, float)) or not self.fps > 0:
             raise ValueError(f"fps must be > 0, got {self.fps!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
@@ -145,6 +153,7 @@ class EvalConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.prompt not in PROMPTS:
             raise ValueError(f"prompt must be one of {PROMPTS}, got {self.prompt!r}")
+        check_device_name(self.device)
         if self.model is not None and not Path(self.model).is_dir():
             raise ValueError(f"model must be a checkpoint directory (config.json + weights), got {self.model!r}")
 
@@ -179,8 +188,15 @@ class EvalConfig:
     def from_yaml(cls, path: str | Path, **overrides) -> EvalConfig:
         """Read a YAML file of EvalConfig fields, then apply ``overrides`` (e.g. from the command line)."""
         yaml = _yaml()
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"config file not found: {path}") from e
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            raise ValueError(f"{path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from e
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of EvalConfig fields, got {type(values).__name__}")
         return cls.from_dict({**values, **overrides}, source=str(path))
@@ -199,10 +215,35 @@ class EvalConfig:
         return [name for name in RESULT_FIELDS if mine.get(name) != other.get(name)]
 
 
+def check_knobs(knobs: dict, methods: list[str], keeps: list) -> None:
+    """Raise ``ValueError`` unless ``knobs`` is ``{method: {knob: value}}`` for methods of the run and every
+    reducer of the sweep builds with its knobs at every keep (types and ranges; bounds that depend on the
+    model, such as a layer beyond its depth, are checked once the model is loaded)."""
+    if not isinstance(knobs, dict):
+        raise ValueError(f"knobs must map methods to their knobs, e.g. {{fastv: {{layer: 3}}}}; got {knobs!r}")
+    for method, values in knobs.items():
+        if method not in methods:
+            raise ValueError(f"knobs given for {method!r}, which is not among methods {methods}")
+        allowed = {f.name for f in dataclasses.fields(reducer_class(method)) if f.init} - {"keep"}
+        if not isinstance(values, dict):
+            raise ValueError(f"knobs of {method} must map knob names {sorted(allowed)} to values; got {values!r}")
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            raise ValueError(f"{method} has no knob(s) {unknown}; its knobs are {sorted(allowed)}")
+    for method in methods:
+        for keep in keeps:
+            try:
+                get_reducer(method, keep=keep, **knobs.get(method, {}))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{method} at keep={keep!r} with knobs {knobs.get(method, {})}: {e}") from e
+
+
 def expand_methods(methods: list[str] | str) -> list[str]:
     """Expand PRESETS names, drop the baseline name, check every name is registered; order kept."""
     if isinstance(methods, str):
         methods = [methods]
+    if not isinstance(methods, (list, tuple)) or not all(isinstance(m, str) for m in methods):
+        raise ValueError(f"methods must be a list of method names, got {methods!r}")
     out: list[str] = []
     known = list_reducers()
     for name in methods:

@@ -28,11 +28,14 @@ Formats (``--dataset FORMAT:PATH``):
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..video import time_range_problem
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -70,6 +73,13 @@ class QAItem:
         """Questions with the same key share one decoded (and preprocessed) clip."""
         return (self.media_type, self.video, self.start, self.end)
 
+    def fingerprint(self) -> str:
+        """Hash of the annotation a record of this item was made from: media, bounds, question, options,
+        answer. A saved record whose hash differs is stale and runs again (the category is not part of it:
+        reports take the category, like the answer, from the current annotation)."""
+        fields = [self.media_type, self.video, self.start, self.end, self.question, self.options, self.answer]
+        return hashlib.sha1(json.dumps(fields + [self.error]).encode()).hexdigest()[:16]
+
 
 DATASETS: dict[str, Callable[[Path | None, Path | None], list[QAItem]]] = {}
 
@@ -100,7 +110,13 @@ def load_dataset(
     path = Path(path) if path is not None else None
     if path is not None and not path.exists():
         raise FileNotFoundError(f"{name} annotations not found: {path}")
-    items = DATASETS[name](path, Path(video_root) if video_root else None)
+    try:
+        items = DATASETS[name](path, Path(video_root) if video_root else None)
+    except (KeyError, TypeError, AttributeError, IndexError, json.JSONDecodeError) as e:
+        what = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{path} is not a {name} annotation file ({what}); see tokreduce.eval.datasets") from e
+    if not items:
+        raise ValueError(f"{name} {path or ''}: no items to evaluate")
     seen: set[str] = set()
     duplicates = [it.id for it in items if it.id in seen or seen.add(it.id)]
     if duplicates:
@@ -142,23 +158,40 @@ def _strip_letter(option: str) -> str:
     return re.sub(r"^\(?[A-Z][).:]\s*", "", str(option).strip())
 
 
-def _make_item(id, video, root: Path, question, options, answer, **kw) -> QAItem:
+def _make_item(id, video, root: Path, question, options, answer, start=None, end=None, **kw) -> QAItem:
     options = [_strip_letter(o) for o in options]
     letter, error = answer_letter(answer, options)
     if len(options) < 2:
         error = f"unknown_option: {len(options)} option(s); a multiple-choice item needs at least 2"
+    start, end = _seconds(start), _seconds(end)
+    problem = time_range_problem(start, end)
+    if problem:
+        error = f"bad_time_range: {problem}"
     path = Path(video)
     if not path.is_absolute():
         path = root / path
     return QAItem(
-        id=str(id), video=str(path), question=str(question).strip(), options=options, answer=letter, error=error, **kw
+        id=str(id),
+        video=str(path),
+        question=str(question).strip(),
+        options=options,
+        answer=letter,
+        start=start,
+        end=end,
+        error=error,
+        **kw,
     )
 
 
-def _float_or_none(value):
+def _seconds(value):
+    """A clip bound from an annotation: None when absent, a float when numeric, else the value as text
+    (so that the item reports it as ``bad_time_range`` instead of loading failing)."""
     if value is None or value == "":
         return None
-    return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
 
 
 @register_dataset("jsonl")
@@ -173,6 +206,8 @@ def load_jsonl(path: Path, video_root: Path | None = None) -> list[QAItem]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected one JSON object per line, got a {type(row).__name__}")
             video = row.get("video", row.get("media"))
             options = row.get("options", row.get("candidates"))
             missing = [
@@ -195,8 +230,8 @@ def load_jsonl(path: Path, video_root: Path | None = None) -> list[QAItem]:
                     row.get("answer"),
                     category=str(row.get("category", row.get("task", ""))),
                     media_type=media_type,
-                    start=_float_or_none(row.get("start")),
-                    end=_float_or_none(row.get("end")),
+                    start=row.get("start"),
+                    end=row.get("end"),
                 )
             )
     return items
@@ -233,8 +268,8 @@ def load_mvbench(path: Path, video_root: Path | None = None) -> list[QAItem]:
                     row["candidates"],
                     row["answer"],
                     category=file.stem,
-                    start=_float_or_none(row.get("start")) if bound else None,
-                    end=_float_or_none(row.get("end")) if bound else None,
+                    start=row.get("start") if bound else None,
+                    end=row.get("end") if bound else None,
                 )
             )
     return items

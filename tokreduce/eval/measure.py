@@ -84,6 +84,29 @@ def reduction_layer(reducer) -> int:
     return int(getattr(reducer, "layer", 0))
 
 
+def reducible_tokens(model, inputs: dict) -> list[int]:
+    """Visual tokens per sample that a method may remove: what a reducer's ``state.stats.tokens_in`` counts.
+
+    The placeholders of every image and video minus those no method removes (anyres newline tokens, a
+    kept CLS), placed by the model's adapter from the input shapes alone, so the unreduced baseline's row
+    counts the same tokens as the methods' rows (a toy video: 72 = 8 frames x 3 x 3, not 73 placeholders).
+
+    Returns:
+        (B,) counts, one per row of ``inputs["input_ids"]``.
+    """
+    from ..adapters import get_adapter
+    from ..adapters.layout import plan_spans
+
+    adapter = get_adapter(model)
+    ids = inputs["input_ids"]
+    layouts = adapter.layouts(adapter.inner(model), inputs)
+    spans, _ = plan_spans(ids, layouts, adapter.token_ids(model.config))
+    counts = [0] * ids.shape[0]
+    for span in spans:
+        counts[span.sample] += span.piece.num_tokens
+    return counts
+
+
 def sample_prefill_flops(shape: LMShape, seq_len: int, tokens_in: int, tokens_out: int, layer: int) -> int:
     """Language-model prefill FLOPs of one sample (``tokreduce.flops`` conventions; vision encoder excluded)."""
     reduced = seq_len - (tokens_in - tokens_out)

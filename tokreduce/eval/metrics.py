@@ -26,6 +26,14 @@ FLOPS_NOTE = "language-model prefill, matmuls only, 1 multiply-add = 2 FLOPs (to
 ANSWERED_ERRORS = (None, "unparsable_answer")  # the model ran on these records
 
 
+def rescore(record: dict, item: QAItem) -> dict:
+    """``record`` scored against ``item`` as annotated now: answer, category and correct come from the item,
+    never from what was saved, so an edited annotation never leaves a stale score."""
+    answered = record.get("error") in ANSWERED_ERRORS
+    correct = None if item.answer is None or not answered else record.get("parsed") == item.answer
+    return {**record, "answer": item.answer, "category": item.category, "correct": correct}
+
+
 def score_mcq(rows: list[dict]) -> dict:
     """Multiple-choice accuracy of one setting's records, overall and per category."""
     answered = [r for r in rows if r.get("error") in ANSWERED_ERRORS]
@@ -93,7 +101,8 @@ def summarize(
     scorer: str = "mcq",
     memory: str = "",
 ) -> dict:
-    """Metrics of every setting over the current items (records of other items are ignored).
+    """Metrics of every setting over the current items, each record re-scored against its item as annotated
+    now (records of other items, or made from another version of an item's annotation, are ignored).
 
     Returns:
         {"settings": [one dict per setting: method, keep, setting, the scorer's fields, efficiency,
@@ -101,11 +110,12 @@ def summarize(
     """
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {scorer!r}")
-    ids = {it.id for it in items}
+    by_id = {it.id: it for it in items}
     by_setting: dict[str, list[dict]] = {}
     for r in records:
-        if r["id"] in ids:
-            by_setting.setdefault(r["setting"], []).append(r)
+        item = by_id.get(r["id"])
+        if item is not None and r.get("item_hash", item.fingerprint()) == item.fingerprint():
+            by_setting.setdefault(r["setting"], []).append(rescore(r, item))
     rows = []
     for method, keep in settings:
         key = setting_key(method, keep)

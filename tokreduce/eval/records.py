@@ -26,11 +26,15 @@ def shard_path(run_dir: Path, rank: int, world: int) -> Path:
     return run_dir / (MAIN if world == 1 else f"predictions.rank{rank}.jsonl")
 
 
+def rank_files(run_dir: Path) -> list[Path]:
+    """Every per-rank file, in rank order."""
+    return sorted(run_dir.glob("predictions.rank*.jsonl"), key=lambda p: int(p.name.split(".")[1][4:]))
+
+
 def all_files(run_dir: Path) -> list[Path]:
     """The main file first, then every per-rank file, in rank order."""
-    ranks = sorted(run_dir.glob("predictions.rank*.jsonl"), key=lambda p: int(p.name.split(".")[1][4:]))
     main = run_dir / MAIN
-    return ([main] if main.exists() else []) + ranks
+    return ([main] if main.exists() else []) + rank_files(run_dir)
 
 
 def read_records(path: Path) -> list[dict]:
@@ -111,6 +115,6 @@ def merge(run_dir: Path, order: Iterable[tuple[str, str]]) -> list[dict]:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, run_dir / MAIN)
-    for path in run_dir.glob("predictions.rank*.jsonl"):
+    for path in rank_files(run_dir):
         path.unlink()
     return records

@@ -2,14 +2,17 @@
 
 The loop, per rank:
 
-1. Load the items, group questions by clip (each clip is decoded and preprocessed once for all its
-   questions and all settings), give each rank a shard of the groups.
+1. Load the items; rank 0 takes the run directory's lock for the whole run (``lock``). Group questions
+   by clip (each clip is decoded and preprocessed once for all its questions and all settings), give
+   each rank a shard of the groups.
 2. Decode the next clips on worker threads while the model works on the current ones.
 3. For each chunk of clips and each (method, keep) setting, run left-padded batched ``generate`` with
    the reducer attached, time prefill apart from decoding, and append one record per question.
-4. Rank 0 merges the records of all ranks, scores them and writes metrics.json, summary.md and plots.
+4. Rank 0 merges the records of all ranks, scores them against the current annotations and writes
+   metrics.json, summary.md and plots.
 
-Finished records are skipped on a rerun, so an interrupted run resumes where it stopped.
+Finished records are skipped on a rerun, so an interrupted run resumes where it stopped; a record whose
+item's annotation has changed since (``QAItem.fingerprint``) is not finished and runs again.
 """
 
 from __future__ import annotations
@@ -24,16 +27,22 @@ from pathlib import Path
 import torch
 
 from ..flops import LMShape
+from ..image import REASONS as IMAGE_REASONS
+from ..image import ImageError, read_image
 from ..registry import get_reducer
+from ..video import REASONS as VIDEO_REASONS
 from ..video import VideoError, read_frames
 from . import distributed, records
 from .config import BASELINE, EvalConfig, setting_key
 from .datasets import QAItem, load_dataset
 from .encode_once import encode_each_video_once
+from .errors import RunFailed
+from .lock import RunLock
 from .measure import (
     GenerationClock,
     memory_kind,
     peak_memory_mb,
+    reducible_tokens,
     reduction_layer,
     reset_peak_memory,
     sample_prefill_flops,
@@ -43,7 +52,8 @@ from .prompts import get_prompter
 log = logging.getLogger("tokreduce.eval")
 
 # Errors that come from the input itself: rerunning cannot fix them, so they are never retried.
-INPUT_ERRORS = ("missing_video", "corrupt_video", "no_frames", "unknown_option", "unsupported_item", "input_error")
+INPUT_ERRORS = (*VIDEO_REASONS, *IMAGE_REASONS, "unknown_option", "unsupported_item", "input_error")
+MEDIA_ERRORS = (VideoError, ImageError)
 # Errors of the model or method that a rerun (other device, fixed adapter) may fix: --retry-errors.
 RUN_ERRORS = ("model_error", "method_error")
 UNPARSABLE = "unparsable_answer"  # the model ran; its answer counts as wrong
@@ -66,16 +76,29 @@ def _run(config: EvalConfig, dist: distributed.Dist, device: torch.device) -> di
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     run_dir = config.run_dir()
+    items = load_dataset(config.dataset, config.data, config.video_root, config.limit)  # a bad file writes nothing
+    lock = _own_run_dir(run_dir, dist)
+    try:
+        return _run_owned(config, dist, device, run_dir, items)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_owned(
+    config: EvalConfig, dist: distributed.Dist, device: torch.device, run_dir: Path, items: list[QAItem]
+) -> dict:
     _check_run_dir(config, run_dir)
+    settings = config.settings()
+    order = [(it.id, setting_key(m, k)) for it in items for m, k in settings]
     if dist.is_main:
         _write_config(config, run_dir)
+        if records.rank_files(run_dir):  # an interrupted multi-process run: fold its files in first, so that
+            records.merge(run_dir, order)  # what this run appends is always newer than the main file
     dist.barrier(device)
 
-    items = load_dataset(config.dataset, config.data, config.video_root, config.limit)
-    settings = config.settings()
-    finished = records.load_finished(run_dir)
-    if config.retry_errors:
-        finished = {k: r for k, r in finished.items() if r.get("error") not in RUN_ERRORS}
+    fingerprints = {it.id: it.fingerprint() for it in items}
+    finished = _finished(run_dir, fingerprints, config.retry_errors)
     groups = distributed.shard(_group_by_media(items), dist.world, dist.rank)
     todo = sum(1 for g in groups for it in g for m, k in settings if (it.id, setting_key(m, k)) not in finished)
     if dist.is_main:
@@ -83,20 +106,27 @@ def _run(config: EvalConfig, dist: distributed.Dist, device: torch.device) -> di
             "%s: %d items x %d settings, %d to do on rank 0 of %d", run_dir, len(items), len(settings), todo, dist.world
         )
 
-    if todo:
-        model, processor, dtype = _load_model(config, device)
-        prompter = get_prompter(config.prompt, config.model, model)
-        with records.RecordWriter(records.shard_path(run_dir, dist.rank, dist.world)) as writer:
-            worker = _Worker(config, model, processor, prompter, device, dtype, writer, finished, dist.rank)
-            worker.run(groups, todo, show=config.progress and dist.is_main)
-    dist.barrier(device)
+    error = None
+    try:
+        if todo:
+            model, processor, dtype = _load_model(config, device)
+            _check_settings_attach(model, config)
+            prompter = get_prompter(config.prompt, config.model, model)
+            with records.RecordWriter(records.shard_path(run_dir, dist.rank, dist.world)) as writer:
+                args = (config, model, processor, prompter, device, dtype, writer, finished, fingerprints, dist.rank)
+                worker = _Worker(*args)
+                worker.run(groups, todo, show=config.progress and dist.is_main)
+    except Exception as e:  # every rank learns of it, instead of waiting for this one at a barrier
+        error = e
+    error = dist.first_error(error)
+    if error is not None:
+        raise error
 
     metrics: dict = {}
     if dist.is_main:
         from .metrics import summarize
         from .report import write_reports
 
-        order = [(it.id, setting_key(m, k)) for it in items for m, k in settings]
         merged = records.merge(run_dir, order)
         metrics = summarize(merged, items, settings, memory=memory_kind(device))
         write_reports(metrics, run_dir, plots=config.plots)
@@ -105,9 +135,35 @@ def _run(config: EvalConfig, dist: distributed.Dist, device: torch.device) -> di
 
 
 # -- run directory ------------------------------------------------------------------------------------------
+def _own_run_dir(run_dir: Path, dist: distributed.Dist) -> RunLock | None:
+    """Rank 0 takes the directory's lock for the whole process group; every rank raises if it could not."""
+    lock, error = None, None
+    if dist.is_main:
+        try:
+            lock = RunLock.acquire(run_dir)
+        except (RunFailed, ValueError) as e:
+            error = e
+    error = dist.share(error)
+    if error is not None:
+        raise error
+    return lock
+
+
+def _finished(run_dir: Path, fingerprints: dict[str, str], retry_errors: bool) -> dict[tuple[str, str], dict]:
+    """Records on disk that need no re-run: of a current item whose annotation is unchanged since."""
+    finished = {
+        key: r for key, r in records.load_finished(run_dir).items() if r.get("item_hash") == fingerprints.get(key[0])
+    }
+    if retry_errors:
+        finished = {k: r for k, r in finished.items() if r.get("error") not in RUN_ERRORS}
+    return finished
+
+
 def _check_run_dir(config: EvalConfig, run_dir: Path) -> None:
+    """Refuse to add to records made under another configuration (a run that recorded nothing, e.g. one
+    refused for a bad knob, leaves only its config.yaml, which this run replaces)."""
     saved = run_dir / "config.yaml"
-    if not saved.exists():
+    if not saved.exists() or not any(p.stat().st_size for p in records.all_files(run_dir)):
         return
     import yaml
 
@@ -123,7 +179,6 @@ def _check_run_dir(config: EvalConfig, run_dir: Path) -> None:
 
 
 def _write_config(config: EvalConfig, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / "config.yaml.tmp"
     config.to_yaml(tmp)
     os.replace(tmp, run_dir / "config.yaml")  # atomic: other ranks may be reading it
@@ -153,6 +208,21 @@ def _load_model(config: EvalConfig, device: torch.device):
     return model, processor, dtype
 
 
+def _check_settings_attach(model, config: EvalConfig) -> None:
+    """Attach every setting's reducer once before any item runs: knobs that only the model can judge
+    (a ``layer`` beyond its depth, a stage it lacks) fail here, not as one method_error per item."""
+    for method, keep in config.settings():
+        if method == BASELINE:
+            continue
+        reducer = get_reducer(method, keep=keep, **config.knobs.get(method, {}))
+        try:
+            with reducer(model):
+                pass
+        except ValueError as e:
+            hint = "change its --knob or drop it from --methods"
+            raise ValueError(f"{setting_key(method, keep)} cannot run on this model: {e} ({hint})") from e
+
+
 # -- grouping and media -------------------------------------------------------------------------------------
 def _group_by_media(items: list[QAItem]) -> list[list[QAItem]]:
     """Questions about the same clip, in order of first appearance."""
@@ -177,17 +247,9 @@ def _chunks(groups: list[list[QAItem]], size: int) -> list[list[list[QAItem]]]:
 
 
 def _load_media(item: QAItem, config: EvalConfig):
-    """(T, H, W, 3) uint8 frames of a video, or an RGB PIL image. Raises VideoError for bad files."""
+    """(T, H, W, 3) uint8 frames of a video, or an RGB PIL image. Raises one of MEDIA_ERRORS for bad files."""
     if item.media_type == "image":
-        from PIL import Image
-
-        if not os.path.isfile(item.video):
-            raise VideoError("missing_video", f"image file not found: {item.video}")
-        try:
-            with Image.open(item.video) as image:
-                return image.convert("RGB")
-        except Exception as e:
-            raise VideoError("corrupt_video", f"cannot read image {item.video}: {e}") from e
+        return read_image(item.video)
     frames = read_frames(item.video, config.frames, config.sampling, config.fps, item.start, item.end, config.backend)
     return frames.array
 
@@ -195,7 +257,7 @@ def _load_media(item: QAItem, config: EvalConfig):
 def _safe_load(item: QAItem, config: EvalConfig):
     try:
         return _load_media(item, config)
-    except VideoError as e:
+    except MEDIA_ERRORS as e:
         return e
 
 
@@ -203,7 +265,7 @@ def _safe_load(item: QAItem, config: EvalConfig):
 class _Worker:
     """Runs one rank's shard: decoding ahead, batching, generating, recording."""
 
-    def __init__(self, config, model, processor, prompter, device, dtype, writer, finished, rank):
+    def __init__(self, config, model, processor, prompter, device, dtype, writer, finished, fingerprints, rank):
         self.config = config
         self.model = model
         self.processor = processor
@@ -212,17 +274,10 @@ class _Worker:
         self.dtype = dtype
         self.writer = writer
         self.finished = finished
+        self.fingerprints = fingerprints  # item id -> QAItem.fingerprint(), stored in every record
         self.rank = rank
         self.settings = config.settings()
         self.shape = LMShape.from_config(model.config)
-        self.visual_ids = [
-            i
-            for i in (
-                getattr(model.config, n, None)
-                for n in ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
-            )
-            if i is not None
-        ]
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         self.pad_id = processor.tokenizer.pad_token_id
@@ -265,7 +320,7 @@ class _Worker:
                 loaded = media[item.media_key()]
                 if item.error:
                     self._error(item, method, keep, item.error.split(":")[0], item.error)
-                elif isinstance(loaded, VideoError):
+                elif isinstance(loaded, MEDIA_ERRORS):
                     self._error(item, method, keep, loaded.reason, str(loaded))
                 elif (reason := self.prompter.check(item)) is not None:
                     self._error(item, method, keep, reason.split(":")[0], reason)
@@ -351,10 +406,11 @@ class _Worker:
         ids = inputs["input_ids"]
         new = out[:, ids.shape[1] :].cpu()
         texts = self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
-        visual = torch.isin(ids, torch.tensor(self.visual_ids, device=ids.device)).sum(1).tolist()
         seq_len = inputs["attention_mask"].sum(1).tolist() if "attention_mask" in inputs else [ids.shape[1]] * b
-        tokens_in = stats.tokens_in if stats is not None and len(stats.tokens_in) == b else visual
-        tokens_out = stats.tokens_out if stats is not None and len(stats.tokens_out) == b else visual
+        if stats is not None and len(stats.tokens_in) == b:
+            tokens_in, tokens_out = stats.tokens_in, stats.tokens_out
+        else:  # the baseline: the tokens a method would have counted, all kept
+            tokens_in = tokens_out = reducible_tokens(self.model, inputs)
         select_s = stats.seconds / b if stats is not None else 0.0
         layer = reduction_layer(reducer)
         peak = peak_memory_mb(self.device)
@@ -398,6 +454,7 @@ class _Worker:
             "setting": setting_key(method, keep),
             "category": item.category,
             "answer": item.answer,
+            "item_hash": self.fingerprints[item.id],
             "rank": self.rank,
         }
 

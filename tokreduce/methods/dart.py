@@ -11,7 +11,7 @@ from torch import Tensor
 from ..base import Reducer, check_range
 from ..context import TokenContext
 from ..registry import register_reducer
-from ..selection import Selection
+from ..selection import Selection, check_count
 from ..similarity import normalize
 from ..stages import LayerPrune
 
@@ -48,7 +48,7 @@ def dart(
     Based on DART (Wen et al., arXiv 2502.11494).
     """
     b, n, _ = hidden.shape
-    k = min(k, n)
+    k = min(check_count("k", k), n)
     n_img = min(pivot_image, k)
     img_pivots = keys.float().abs().sum(-1).topk(n_img, dim=-1).indices  # (B, P_img)
     pivots = hidden.gather(1, img_pivots.sort(-1).values[..., None].expand(-1, -1, hidden.shape[-1]))

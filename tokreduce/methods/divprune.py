@@ -9,7 +9,7 @@ from torch import Tensor
 from ..base import Reducer
 from ..context import TokenContext
 from ..registry import register_reducer
-from ..selection import Selection
+from ..selection import Selection, check_count
 from ..similarity import greedy_maxmin
 
 
@@ -27,9 +27,11 @@ def divprune(x: Tensor, k: int) -> Tensor:
     Both paths live in ``tokreduce.similarity.greedy_maxmin``: on CUDA with Triton installed the loop runs as
     a fused kernel (O(N) memory instead of the (N, N) matrix); the picks are the same.
 
+    k above N keeps every token; a negative or non-integer k raises ``ValueError``.
+
     Based on DivPrune (Alvar et al., CVPR 2025, arXiv 2503.02175).
     """
-    return greedy_maxmin(x, k)
+    return greedy_maxmin(x, check_count("k", k))
 
 
 def divprune_torch(x: Tensor, k: int) -> Tensor:

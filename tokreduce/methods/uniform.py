@@ -11,7 +11,7 @@ from torch import Tensor
 from ..base import Reducer
 from ..context import TokenContext
 from ..registry import register_reducer
-from ..selection import Selection
+from ..selection import Selection, check_count
 
 
 def _spread(count: int, total: int) -> Tensor:
@@ -37,6 +37,9 @@ def lattice_indices(h: int, w: int, k: int) -> Tensor:
 def uniform_indices(grid: tuple[int, int, int], k: int) -> Tensor:
     """k indices (ascending) spread over a (t, h, w) grid: k split evenly over frames, a lattice per frame."""
     t, h, w = grid
+    k = min(check_count("k", k), t * h * w)
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long)
     per_frame = torch.full((t,), k // t, dtype=torch.long)
     per_frame[_spread(k % t, t)] += 1
     parts = [lattice_indices(h, w, int(c)) + f * h * w for f, c in enumerate(per_frame.tolist()) if c > 0]
