@@ -13,32 +13,11 @@ through the processor's chat template.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
-from .datasets import LETTERS, QAItem
-
-
-def parse_letter(text: str, num_options: int) -> str | None:
-    """The option letter a model answered with: "B", "(B)", "B.", "The answer is B" -> "B"; None if absent.
-
-    Only the first ``num_options`` letters count. A reply that starts with a letter wins over later
-    standalone letters; the pronoun "I" is never taken for option I.
-    """
-    valid = LETTERS[:num_options]
-    text = text.strip()
-
-    def pronoun(at: int) -> bool:
-        return re.match(r"I\s+[a-z]", text[at:]) is not None
-
-    m = re.match(r"^\(?([A-Z])(?:[).:,\s]|$)", text)
-    if m and m.group(1) in valid and not pronoun(m.start(1)):
-        return m.group(1)
-    for m in re.finditer(r"\b([A-Z])\b", text):
-        if m.group(1) in valid and not pronoun(m.start(1)):
-            return m.group(1)
-    return None
+from ..prompts import LETTERS, chat_inputs, parse_letter
+from .datasets import QAItem
 
 
 def _kind(items: list[QAItem]) -> str:
@@ -69,7 +48,7 @@ class ToyPrompter:
         return self.toy.build_inputs(processor, rows, media=list(media))
 
     def parse(self, text: str, item: QAItem) -> str | None:
-        return self.toy.parse_answer(text, len(item.options))
+        return parse_letter(text, len(item.options))
 
 
 class ChatPrompter:
@@ -86,17 +65,7 @@ class ChatPrompter:
         return f"{item.question}\n{options}\n{self.instruction}"
 
     def build(self, processor, items: list[QAItem], media: list[Any]):
-        kind = _kind(items)
-        texts = [
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": self.text(it)}]}],
-                add_generation_prompt=True,
-                tokenize=False,
-            )
-            for it in items
-        ]
-        key = "images" if kind == "image" else "videos"
-        return processor(text=texts, padding=True, return_tensors="pt", **{key: list(media)})
+        return chat_inputs(processor, _kind(items), [self.text(it) for it in items], list(media))
 
     def parse(self, text: str, item: QAItem) -> str | None:
         letter = parse_letter(text, len(item.options))

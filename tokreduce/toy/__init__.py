@@ -22,12 +22,14 @@ The checkpoint is trained by ``scripts/train_toy.py`` on data from ``scripts/mak
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..prompts import LETTERS as PROMPT_LETTERS
+from ..prompts import chat_inputs, parse_letter
 
 __all__ = [
     "path",
@@ -42,7 +44,7 @@ __all__ = [
     "evaluate",
 ]
 
-LETTERS = "ABCD"
+LETTERS = PROMPT_LETTERS[:4]  # the toy vocabulary knows four option letters
 
 
 def path() -> Path:
@@ -160,27 +162,16 @@ def build_inputs(processor: Any, item: dict | list[dict], media: Any = None, ret
     kinds = {it["media_type"] for it in items}
     if len(kinds) != 1 or not kinds <= {"image", "video"}:
         raise ValueError(f"a batch must hold only 'image' or only 'video' items, got {sorted(kinds)}")
-    kind = kinds.pop()
     if media is None:
         media = [load_media(it) for it in items]
     elif not isinstance(item, list):
         media = [media]
-    texts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": format_prompt(it)}]}],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        for it in items
-    ]
-    key = "images" if kind == "image" else "videos"
-    return processor(text=texts, padding=True, return_tensors=return_tensors, **{key: media})
+    return chat_inputs(processor, kinds.pop(), [format_prompt(it) for it in items], media, return_tensors)
 
 
 def parse_answer(text: str, num_options: int = 4) -> str | None:
-    """First standalone option letter in generated text ("A".."D"), or None if there is none."""
-    m = re.search(rf"\b([A-{LETTERS[num_options - 1]}])\b", text)
-    return m.group(1) if m else None
+    """The option letter in generated text (:func:`tokreduce.prompts.parse_letter`), or None."""
+    return parse_letter(text, num_options)
 
 
 @torch.no_grad()
