@@ -1,4 +1,4 @@
-"""The demo's model side (tokreduce.demo_core) on the bundled toy model, and the overlay drawing it uses.
+"""The demo's model side (tokreduce.demo.session) on the bundled toy model, and the overlay drawing it uses.
 
 No Gradio needed: the app only lays out what these functions return.
 """
@@ -13,7 +13,7 @@ from PIL import Image
 
 import tokreduce
 from tokreduce import SpanSelection, toy
-from tokreduce.demo_core import (
+from tokreduce.demo.session import (
     DemoInputError,
     DemoSession,
     Limits,
@@ -170,7 +170,7 @@ def test_the_page_says_what_is_wrong_with_an_upload(session, tmp_path):
 
     import httpx
 
-    from tokreduce.demo_app import build_app, launch
+    from tokreduce.demo.app import build_app, launch
 
     small = DemoSession(session.model, session.processor, session.examples, Limits(1, timing_repeats=1, max_new_tokens=2))
     app = build_app(small)

@@ -161,3 +161,24 @@ def test_kernels_import_nothing_else_from_the_project():
     }
     outside = {module: targets for module, targets in outside.items() if targets}
     assert not outside, f"tokreduce.kernels must be a leaf; it imports {outside}"
+
+
+APPS = ("tokreduce.cli", "tokreduce.eval", "tokreduce.demo")
+
+
+def is_app(module: str) -> bool:
+    return any(module == app or module.startswith(app + ".") for app in APPS)
+
+
+def test_the_core_imports_no_app():
+    """The command, the evaluator with its benchmark, and the demo sit on the core; the core never imports them."""
+    graph = import_graph()
+    offenders = sorted(
+        f"{name} -> {target}"
+        for name, targets in graph.items()
+        if not is_app(name)
+        for target in targets
+        if is_app(target)
+    )
+    assert not offenders, "core modules import apps:\n" + "\n".join(offenders)
+    assert any(is_app(name) for name in graph) and any(not is_app(name) for name in graph)

@@ -1,4 +1,4 @@
-"""The ``tokreduce`` command: a registry of subcommands (eval, and demo / bench / info as they land).
+"""The ``tokreduce`` command: a registry of subcommands (eval, bench, demo).
 
 A subcommand is registered with :func:`register_command`; its module is imported only when that
 subcommand runs, so ``tokreduce --help`` stays fast and needs no optional dependency.
@@ -42,7 +42,7 @@ def register_command(name: str, help: str, module: str) -> None:
 register_command(
     "eval", "batch video-QA evaluation: accuracy vs speed and memory for a sweep of methods", "tokreduce.eval.command"
 )
-register_command("demo", "Gradio demo: kept tokens, both answers, time and FLOPs saved", "tokreduce.demo_app")
+register_command("demo", "Gradio demo: kept tokens, both answers, time and FLOPs saved", "tokreduce.demo.app")
 register_command("bench", "prefill speed-up, overhead and KV bytes of each method against the FLOP ideal", "tokreduce.eval.bench")
 
 

@@ -173,12 +173,13 @@ def ideal_reduction(
 
 
 def reduction_layer(reducer) -> int:
-    """Decoder layer from which ``reducer`` shortens the prefill: its ``in_llm().layer`` at stage "llm", else 0.
+    """Decoder layer from which ``reducer`` shortens the prefill: its ``in_llm().layer`` at stage "llm", else 0
+    (also for no reducer at all).
 
     A decode-time cache policy (``reducer.in_decode()``) prunes only while decoding, so it does not change
     the prefill.
     """
-    plan = reducer.in_llm() if reducer.stage == "llm" else None
+    plan = reducer.in_llm() if reducer is not None and reducer.stage == "llm" else None
     return 0 if plan is None else int(plan.layer)
 
 

@@ -54,9 +54,11 @@ from pathlib import Path
 
 import torch
 
+from tokreduce.adapters.compat import output_cache
 from tokreduce.flops import LMShape, ideal_reduction, reduction_layer
 
 from .bench_models import DEFAULT_MODELS, MODELS, Prompt, build_model, fresh, make_prompt
+from .measure import time_prefill
 
 DEFAULT_METHODS = ("random", "uniform", "pool", "tome", "divprune", "dycoke", "fastv", "dart", "framefusion")
 QUICK_METHODS = ("random", "divprune", "dycoke", "fastv")
@@ -99,14 +101,8 @@ def cache_layer_bytes(cache) -> list[int]:
 
 
 def prefill(model, prompt: Prompt):
-    """One timed prefill: (seconds, per-layer cache bytes)."""
-    inputs = fresh(prompt.inputs)
-    with torch.inference_mode():
-        start = time.perf_counter()
-        out = model(**inputs, use_cache=True, logits_to_keep=1)
-        seconds = time.perf_counter() - start
-    from tokreduce.adapters.compat import output_cache
-
+    """One timed prefill (logits of the last token only, as ``generate``): (seconds, per-layer cache bytes)."""
+    seconds, out = time_prefill(model, fresh(prompt.inputs), logits_to_keep=1)
     return seconds, cache_layer_bytes(output_cache(out))
 
 

@@ -77,11 +77,21 @@ def memory_kind(device: torch.device) -> str:
     return "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"
 
 
-def reduction_layer(reducer) -> int:
-    """Decoder layer where a reducer shortens the sequence: its ``layer`` knob for stage "llm", else 0."""
-    if reducer is None or reducer.stage != "llm":
-        return 0
-    return int(getattr(reducer, "layer", 0))
+def time_prefill(model, inputs: dict, **kwargs) -> tuple[float, object]:
+    """One prefill forward as ``generate``'s first step (a fresh KV cache), timed: (seconds, model output).
+
+    The one prefill clock of the benchmark and the demo; CUDA work is waited for before the clock stops.
+    ``kwargs`` go to the forward (e.g. ``logits_to_keep=1``).
+    """
+    device = getattr(model, "device", torch.device("cpu"))
+    with torch.inference_mode():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        out = model(**inputs, use_cache=True, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start, out
 
 
 def reducible_tokens(model, inputs: dict) -> list[int]:

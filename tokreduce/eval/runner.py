@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..flops import LMShape
+from ..flops import LMShape, reduction_layer
 from ..image import REASONS as IMAGE_REASONS
 from ..image import ImageError, read_image
 from ..registry import get_reducer
@@ -43,7 +43,6 @@ from .measure import (
     memory_kind,
     peak_memory_mb,
     reducible_tokens,
-    reduction_layer,
     reset_peak_memory,
     sample_prefill_flops,
 )

@@ -14,19 +14,21 @@ Only the public API is used: ``tokreduce.get_reducer`` / ``list_reducers``, ``wi
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 import tokreduce
 from tokreduce import toy
-from tokreduce.flops import LMShape, layer_lengths, prefill_flops
-from tokreduce.image import COMMON_FORMATS, ImageError, check_image_size, read_image
+from tokreduce.eval.measure import time_prefill
+from tokreduce.flops import LMShape, layer_lengths, prefill_flops, reduction_layer
+from tokreduce.prompts import chat_inputs
 from tokreduce.viz import overlay_spans
+
+from .media import DemoInputError, Limits, Media, probe_seconds, read_media
 
 __all__ = [
     "Comparison",
@@ -46,38 +48,6 @@ __all__ = [
     "toy_examples",
 ]
 
-KINDS = ("image", "video")
-
-
-class DemoInputError(ValueError):
-    """Input the demo refuses (not an image, too large, too long, missing); the message is shown to the user as is."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What the demo accepts. Uploads above ``max_upload_mb`` are refused by Gradio before they reach us
-    (HTTP 413); everything else is checked here, on the file itself, before anything is decoded.
-
-    Attributes:
-        max_upload_mb: largest uploaded file, in MB.
-        max_video_seconds: longest video accepted.
-        max_image_side: longest image side accepted, in pixels.
-        max_image_pixels: most pixels (width x height) an image may decode to; a small file can promise
-            billions (a decompression bomb), so this is read from the header first.
-        image_formats: image formats accepted (Pillow names).
-        frames: frames sampled uniformly from a video.
-        max_new_tokens: generation budget of each answer.
-        timing_repeats: prefill timings per setting; the fastest is reported.
-    """
-
-    max_upload_mb: int = 25
-    max_video_seconds: float = 120.0
-    max_image_side: int = 4096
-    max_image_pixels: int = 4096 * 4096
-    image_formats: tuple[str, ...] = COMMON_FORMATS
-    frames: int = 8
-    max_new_tokens: int = 8
-    timing_repeats: int = 3
 
 
 @dataclass(frozen=True)
@@ -98,15 +68,6 @@ class MethodInfo:
     name: str
     stage: str
     layer: int | None  # default decoder layer for in-LLM methods, None for the others
-
-
-@dataclass
-class Media:
-    """An input ready for the processor: the image or frames, and the pictures the overlay is drawn on."""
-
-    kind: str
-    data: Any  # PIL image, or (T, H, W, 3) uint8 frames
-    frames: list[Image.Image]
 
 
 @dataclass
@@ -150,8 +111,7 @@ class Comparison:
 def method_info(name: str) -> MethodInfo:
     """Stage and default layer of a registered method (its defaults, from ``tokreduce.get_reducer``)."""
     reducer = tokreduce.get_reducer(name)
-    layer = getattr(reducer, "layer", None) if reducer.stage == "llm" else None
-    return MethodInfo(name, reducer.stage, layer)
+    return MethodInfo(name, reducer.stage, reduction_layer(reducer) or None)
 
 
 def toy_examples(images: int = 3, videos: int = 3) -> list[Example]:
@@ -168,10 +128,7 @@ def toy_examples(images: int = 3, videos: int = 3) -> list[Example]:
 
 def build_inputs(processor: Any, media: Media, question: str) -> Any:
     """Processor inputs for one question about one image or video, through the model's chat template."""
-    conversation = [{"role": "user", "content": [{"type": media.kind}, {"type": "text", "text": question}]}]
-    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    key = "images" if media.kind == "image" else "videos"
-    return processor(text=[text], return_tensors="pt", **{key: [media.data]})
+    return chat_inputs(processor, media.kind, [question], [media.data])
 
 
 class DemoSession:
@@ -181,16 +138,16 @@ class DemoSession:
     because a reducer attaches hooks to the one shared model.
     """
 
-    def __init__(self, model: Any, processor: Any, examples: list[Example] | None = None, limits: Limits = Limits()):
+    def __init__(self, model: Any, processor: Any, examples: list[Example] | None = None, limits: Limits | None = None):
         self.model = model
         self.processor = processor
         self.examples = examples or []
-        self.limits = limits
+        self.limits = limits or Limits()
         self.shape = LMShape.from_config(model.config)
         self._full_cache: dict[str, str] = {}
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str = "cpu", limits: Limits = Limits()) -> DemoSession:
+    def load(cls, path: str | Path | None = None, device: str = "cpu", limits: Limits | None = None) -> DemoSession:
         """Load a checkpoint directory (default: the bundled toy model).
 
         The toy test items are the examples for any model: small, offline, and in the usual
@@ -214,51 +171,8 @@ class DemoSession:
 
     # -- input ------------------------------------------------------------------------------------------
     def read_media(self, kind: str, value: Any) -> Media:
-        """Check and load an image (PIL image or file path) or a video (file path) against the limits.
-
-        A file is checked for what it is, not what its name says: an image must be one of
-        ``limits.image_formats`` and its header must promise no more than ``limits.max_image_pixels``
-        pixels and ``limits.max_image_side`` per side before it is decoded; a video must decode.
-
-        Raises:
-            DemoInputError: missing input, not an image or video, an image too large, a video too long.
-        """
-        if kind not in KINDS:
-            raise DemoInputError(f"media kind must be one of {KINDS}, got {kind!r}")
-        if value is None:
-            raise DemoInputError(f"no {kind} given: upload one or pick an example")
-        if kind == "video":
-            return self._read_video(str(value))
-        limits = self.limits
-        try:
-            if isinstance(value, Image.Image):
-                check_image_size(value.width, value.height, limits.max_image_pixels, limits.max_image_side)
-                rgb = value.convert("RGB")
-            else:  # upright as a photo viewer shows it, as Gradio's own image input did
-                rgb = ImageOps.exif_transpose(
-                    read_image(value, limits.max_image_pixels, limits.max_image_side, limits.image_formats)
-                )
-        except ImageError as e:
-            raise DemoInputError(f"cannot use this image: {e.detail}") from e
-        return Media("image", rgb, [rgb])
-
-    def _read_video(self, path: str) -> Media:
-        from tokreduce.video import VideoError, read_frames
-
-        seconds = probe_seconds(path)
-        if seconds is not None and seconds > self.limits.max_video_seconds:
-            raise DemoInputError(self._too_long(seconds))
-        try:
-            frames = read_frames(path, num_frames=self.limits.frames)
-        except VideoError as e:  # said without server paths
-            why = {"corrupt_video": "it is not a video file that can be decoded", "missing_video": "no such file"}
-            raise DemoInputError(f"cannot use this video: {why.get(e.reason, e.reason)}") from e
-        if frames.fps > 0 and frames.total / frames.fps > self.limits.max_video_seconds:
-            raise DemoInputError(self._too_long(frames.total / frames.fps))
-        return Media("video", frames.array, [Image.fromarray(f) for f in frames.array])
-
-    def _too_long(self, seconds: float) -> str:
-        return f"the video is {seconds:.0f} s long; the demo accepts up to {self.limits.max_video_seconds:g} s"
+        """Check and load an image or a video against this session's limits (see :func:`read_media`)."""
+        return read_media(kind, value, self.limits)
 
     # -- runs -------------------------------------------------------------------------------------------
     def make_reducer(self, method: str, keep: float, layer: int | None = None):
@@ -271,11 +185,8 @@ class DemoSession:
             knobs["layer"] = int(layer)
         return tokreduce.get_reducer(method, **knobs)
 
-    @torch.inference_mode()
     def _prefill_seconds(self, inputs: dict) -> float:
-        start = time.perf_counter()
-        self.model(**inputs, use_cache=True)  # one prefill, as generate's first step
-        return time.perf_counter() - start
+        return time_prefill(self.model, inputs)[0]
 
     @torch.inference_mode()
     def _answer(self, inputs: dict) -> str:
@@ -373,24 +284,6 @@ def span_names(selections: list) -> list[str] | bool:
     if len(selections) == 2 and all(s.modality == "image" for s in selections):
         return ["base view", "high-res crop"]
     return True
-
-
-def probe_seconds(path: str) -> float | None:
-    """Duration of a video from its container header (PyAV), without decoding; None when unknown."""
-    try:
-        import av
-    except ImportError:
-        return None
-    try:
-        with av.open(path) as container:
-            if container.duration:
-                return container.duration / 1_000_000  # av.time_base: microseconds
-            stream = container.streams.video[0]
-            if stream.duration and stream.time_base:
-                return float(stream.duration * stream.time_base)
-    except Exception:  # let the decoder report unreadable files with its own message
-        return None
-    return None
 
 
 def _fingerprint(inputs: dict, max_new_tokens: int) -> str:
