@@ -84,24 +84,16 @@ def build_app(session: DemoSession):
                     elem_id="layer",
                 )
                 run = gr.Button("Run", variant="primary", elem_id="run")
-                images = [e for e in session.examples if e.kind == "image"]
-                videos = [e for e in session.examples if e.kind == "video"]
-                if images:
-                    gr.Examples(
-                        [[e.media, e.question] for e in images],
-                        [image, question],
-                        label="Image examples",
-                        example_labels=[e.label for e in images],
-                        elem_id="image-examples",
-                    )
-                if videos:
-                    gr.Examples(
-                        [[e.media, e.question] for e in videos],
-                        [video, question],
-                        label="Video examples",
-                        example_labels=[e.label for e in videos],
-                        elem_id="video-examples",
-                    )
+                for kind, target in (("image", image), ("video", video)):
+                    chosen = [e for e in session.examples if e.kind == kind]
+                    if chosen:
+                        gr.Examples(
+                            [[e.media, e.question] for e in chosen],
+                            [target, question],
+                            label=f"{kind.capitalize()} examples",
+                            example_labels=[e.label for e in chosen],
+                            elem_id=f"{kind}-examples",
+                        )
             with gr.Column(scale=3):
                 status = gr.Markdown(elem_id="status")
                 with gr.Row():
