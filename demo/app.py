@@ -84,15 +84,15 @@ def build_app(session: DemoSession):
                     elem_id="layer",
                 )
                 run = gr.Button("Run", variant="primary", elem_id="run")
-                for kind, target in (("image", image), ("video", video)):
-                    chosen = [e for e in session.examples if e.kind == kind]
+                for media_kind, target in (("image", image), ("video", video)):
+                    chosen = [e for e in session.examples if e.kind == media_kind]
                     if chosen:
                         gr.Examples(
                             [[e.media, e.question] for e in chosen],
                             [target, question],
-                            label=f"{kind.capitalize()} examples",
+                            label=f"{media_kind.capitalize()} examples",
                             example_labels=[e.label for e in chosen],
-                            elem_id=f"{kind}-examples",
+                            elem_id=f"{media_kind}-examples",
                         )
             with gr.Column(scale=3):
                 status = gr.Markdown(elem_id="status")
