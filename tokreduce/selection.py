@@ -82,7 +82,7 @@ class Selection:
         assign = self.assign.to(x.device)
         weight = weight * (assign >= 0).unsqueeze(-1)
         slot = (assign.clamp(min=0) + torch.arange(b, device=x.device)[:, None] * k).flatten()
-        total = torch.zeros(b * k, c, device=x.device).index_add_(0, slot, (x.float() * weight).view(b * n, c))
+        total = torch.zeros(b * k, c, device=x.device).index_add_(0, slot, (x.float() * weight).reshape(b * n, c))
         mass = torch.zeros(b * k, 1, device=x.device).index_add_(0, slot, weight.view(b * n, 1))
         return (total / mass).view(b, k, c).to(x.dtype)
 
