@@ -10,8 +10,9 @@ the tower itself. Towers are open_clip ``VisionTransformer`` with either block t
 
 A ``TimmModel`` tower whose trunk is a timm ViT is handed to the timm adapter. The class token is never
 merged or pruned, so ``encode_image`` (pooled from it, or averaged) keeps its shape; ``output_tokens=True``
-returns the reduced tokens. As for timm, every stage means "inside the encoder". open_clip is never imported
-unless an open_clip model is passed.
+returns the reduced tokens, after a merge in the order the method declares (class token first;
+``state.extra["source"]`` tells which original patches each one stands for). As for timm, every stage means
+"inside the encoder". open_clip is never imported unless an open_clip model is passed.
 """
 
 from __future__ import annotations

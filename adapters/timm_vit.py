@@ -9,7 +9,9 @@ encoder", as the reducer's ``in_encoder`` declares. Keys for the merge metric an
 block's own qkv projection; the block keeps the attention implementation it was configured with
 (``attn.fused_attn``: SDPA with an additive bias, else the explicit softmax). Pooling is left as is:
 ``global_pool="token"`` reads the CLS token, ``"avg"`` averages the remaining tokens without size weights
-(as the reference timm patch of token merging does).
+(as the reference timm patch of token merging does). After a merge the tokens are in the order the method
+declares, prefix tokens first (``forward_features`` returns them so); ``state.extra["source"]`` tells which
+original patches each output token stands for.
 
 timm is never imported unless a timm model is passed (``matches`` looks in ``sys.modules``).
 """

@@ -11,10 +11,11 @@ positions in lockstep and passes the features as ``mm_encoder_outputs``.
 By what the reducer declares (:mod:`tokreduce.stages`) and the family:
 
 - :class:`~tokreduce.stages.BlockMerge` on ``llava`` (one plain grid per image, ``adapter.vision_in_tower``):
-  the encoder layers up to the feature layer merge tokens (:class:`~tokreduce.adapters.tower.MergingTower`).
-  The CLS token is protected; "default" then drops it as usual and the projector runs on the merged patch
-  tokens only. The composed source map gives the exact Selection (``index``: the representative patch of
-  each output token, ``assign``: the group of every patch). The wrapper "unmerges" the projected tokens
+  the encoder layers up to the feature layer merge tokens (:class:`~tokreduce.adapters.tower.MergingTower`),
+  leaving them in the order the method declares (the CLS token first). The CLS token is protected; "default"
+  then drops it as usual and the projector runs on the merged patch tokens only. The composed source map
+  gives the exact Selection (``index``: the representative patch of each output token, ascending, ``assign``:
+  the group of every patch). The wrapper "unmerges" the projected tokens
   (every patch carries its group's value), so the model's own layout code and ``generate`` see the usual
   number of tokens; the prefill keeps one token per group, which is exactly the merged token. Other families
   (anyres crops, pooled video frames must stay full grids) refuse it with the alternative.
@@ -36,7 +37,8 @@ of whole crops / frames.
 Recorded in ``state``: ``selections[b]``, one :class:`~tokreduce.SpanSelection` per image grid / video of
 sample ``b`` (stage "vision", kept patch indices, ``assign`` = merge groups, grid); ``stats`` tokens in / out
 per sample; ``extra``: for merging, ``schedule``, ``tokens_per_layer`` (CLS included, after each layer up to
-the feature layer) and ``size`` ((rows, tokens, 1) original tokens behind each token); for scoring,
+the feature layer) and ``size`` ((rows, tokens, 1) original tokens behind each token: the CLS token, then the
+groups in the order of the span selection's ``index``); for scoring,
 ``vision_layer`` (the scored encoder layer).
 
 Cost left on the table: on ``llava`` with one-layer scoring, the model's own projector still runs once on all
@@ -200,9 +202,14 @@ class VisionSession(Session):
         run = self.merging.run
         size = run.size if run.size is not None else torch.ones(run.batch, run.n_in, 1, device=run.device)
         extra = {"tokens_per_layer": list(run.counts), "size": size, "schedule": list(run.schedule)}
-        record = Record(rows=run.batch, strategy=strategy, merged=run.selection, extra=extra)
+        record = Record(rows=run.batch, strategy=strategy, extra=extra)
         if run.selection is not None:
-            source = run.selection.groups()  # (R, T) output slot of every tower token
+            # The tower's tokens are in the method's order; the record lists them by ascending representative,
+            # the order in which the language model receives them, and so do the sizes.
+            ascending = run.selection.index.argsort(dim=-1)
+            record.merged = run.selection.reorder(ascending)
+            extra["size"] = size.gather(1, ascending.to(size.device).unsqueeze(-1))
+            source = run.selection.groups()  # (R, T) the tower output token of every tower token
             drop_cls = strategy == "default"  # the model dropped token 0 of the tower output (the CLS token)
             slots = source[:, 1:] - 1 if drop_cls else source
             merged = torch.stack(list(out.pooler_output))  # (R, K', C) one row per image

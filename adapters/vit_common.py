@@ -9,13 +9,19 @@ returning q and k, its MLP branch, its untouched forward); the functions here re
 state from block to block: token sizes, the composed :class:`~tokreduce.Selection` (the source map for
 overlays) and the token count after every block.
 
+After a block's merge the tokens are in the order the method's ``match`` declares (prefix tokens first), not
+necessarily in ascending patch order: the next block's matching depends on it, and it is the order in which
+the encoder's output tokens (and any pooling over them) come out.
+
 What a wrapped encoder records in :class:`~tokreduce.ReductionState` after each forward:
 
 - ``selections[b][0]``: one :class:`~tokreduce.SpanSelection` over the patch tokens of sample ``b`` (prefix
-  tokens such as CLS and registers are always kept and left out of it), ``stage="vision"``.
-- ``extra["source"]``: (B, N_in) long, the output token each input token (prefix included) ended up in;
-  ``source_matrix`` turns it into the dense (B, N_out, N_in) source map.
-- ``extra["size"]``: (B, N_out, 1) float32 original tokens behind each output token.
+  tokens such as CLS and registers are always kept and left out of it), ``stage="vision"``: ``index`` the
+  representative patch of each group, ascending, ``assign`` the group of every patch, numbered as ``index``.
+- ``extra["source"]``: (B, N_in) long, the output token (in the encoder's output order) each input token
+  (prefix included) ended up in; ``source_matrix`` turns it into the dense (B, N_out, N_in) source map, and
+  ``source.gather(1, index + P)`` is the output token of each group of the span selection.
+- ``extra["size"]``: (B, N_out, 1) float32 original tokens behind each output token (encoder output order).
 - ``extra["tokens_per_layer"]``: tokens leaving each block; ``extra["num_prefix_tokens"]``: P.
 """
 
@@ -104,7 +110,8 @@ class _Run:
     device: torch.device | None = None
     schedule: list[int] = field(default_factory=list)
     size: Tensor | None = None  # (B, N, 1) float32; None while every token stands for itself
-    selection: Selection | None = None  # composed over the n_in input tokens; None = identity
+    # composed over the n_in input tokens, outputs in the current token order (see Selection.reorder); None = identity
+    selection: Selection | None = None
     counts: list[int] = field(default_factory=list)
 
 
@@ -154,13 +161,17 @@ def _attach_block_merge(encoder: Encoder, mode: BlockMerge, state: ReductionStat
 def merge_block(
     x: Tensor, parts: BlockParts, r: int, protected: int, run: _Run, state: ReductionState, mode: BlockMerge
 ) -> Tensor:
-    """One merging block on (B, N, C): attention with proportional bias, merge r tokens, MLP."""
+    """One merging block on (B, N, C): attention with proportional bias, merge r tokens, MLP.
+
+    The merged tokens leave in the order ``mode.match`` declares, which the next block's matching sees.
+    """
     x_attn, _, k = parts.attention(x, size_bias(run.size))
     x = x + x_attn
     if r > 0:
         with Timer(state):
             # the metric: the block's keys averaged over heads
-            selection = mode.match(k.mean(dim=1), r, protected)
+            selection, order = mode.match(k.mean(dim=1), r, protected)
+            selection = selection.reorder(order)
             x = selection.merge(x, run.size)
             run.size = selection.sizes(run.size)
             # The composed selection is the source map (which original patches each token stands for).
@@ -273,12 +284,14 @@ def _start(run: _Run, state: ReductionState, x: Tensor, batch_first: bool) -> No
 
 def _record(run: _Run, state: ReductionState, encoder: Encoder, p: int) -> None:
     """Write the composed selection into ``state`` (patch tokens only; prefix tokens are always kept)."""
-    selection = run.selection or Selection.identity(run.batch, run.n_in, run.device)
-    source = selection.groups()
+    in_order = run.selection or Selection.identity(run.batch, run.n_in, run.device)
+    source = in_order.groups()  # output token of every input token, in the encoder's output order
+    selection = in_order.ascending()
+    groups = selection.groups()
     grid = _grid(encoder, run.n_in - p)
     for b in range(run.batch):
         index = selection.index[b, p:] - p
-        assign = None if selection.assign is None else torch.where(source[b, p:] >= 0, source[b, p:] - p, -1)
+        assign = None if selection.assign is None else torch.where(groups[b, p:] >= 0, groups[b, p:] - p, -1)
         span = SpanSelection(
             sample=b, span=0, modality="image", start=p, grid=grid, num_tokens=run.n_in - p,
             index=index, assign=assign, stage="vision",

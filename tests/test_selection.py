@@ -76,3 +76,19 @@ def test_compose_pruning_then_merge_drops_pruned_tokens():
     assert both.assign.tolist() == [[-1, 0, 0, 1]]
     with pytest.raises(ValueError, match="expects 5 tokens"):
         prune.compose(Selection.identity(1, 5))
+
+
+def test_reorder_permutes_outputs_and_ascending_restores_them():
+    torch.manual_seed(0)
+    x, size = torch.randn(2, 6, 3), torch.rand(2, 6, 1) + 0.5
+    sel = Selection(index=torch.tensor([[1, 3, 4]] * 2), num_tokens=6, assign=torch.tensor([[0, 0, 2, 1, 2, 1]] * 2))
+    order = torch.tensor([[2, 0, 1], [1, 2, 0]])
+    moved = sel.reorder(order)
+    assert moved.index.tolist() == [[4, 1, 3], [3, 4, 1]] and not moved.is_identity
+    torch.testing.assert_close(moved.merge(x, size), sel.merge(x, size).gather(1, order[..., None].expand(-1, -1, 3)))
+    torch.testing.assert_close(moved.sizes(size), sel.sizes(size).gather(1, order[..., None]))
+    back = moved.ascending()
+    assert torch.equal(back.index, sel.index) and torch.equal(back.assign, sel.assign)
+    assert sel.ascending() is sel
+    pruned = Selection(index=torch.tensor([[0, 2]]), num_tokens=3).reorder(torch.tensor([[1, 0]]))
+    assert pruned.index.tolist() == [[2, 0]] and pruned.groups().tolist() == [[1, -1, 0]]

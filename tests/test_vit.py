@@ -222,7 +222,10 @@ def test_imports_stay_lazy():
 
 
 def reference_tome_block(x, size, parts, heads, r, protected):
-    """One ToMe block written out plainly, sample by sample. x: (B, N, C), size: (B, N) -> both reduced."""
+    """One ToMe block written out plainly, sample by sample. x: (B, N, C), size: (B, N) -> both reduced.
+
+    With ``protected=1`` (a CLS token) the tokens left are in the order of ToMe's own code; models without one
+    are covered in tests/test_fidelity_tome.py."""
     norm1, w_qkv, b_qkv, proj, norm2, mlp = parts
     xs, sizes = [], []
     for xb, sb in zip(x, size, strict=True):
@@ -244,7 +247,8 @@ def reference_tome_block(x, size, parts, heads, r, protected):
         groups = {t: [t] for t in range(n) if t not in merged}
         for a in merged:
             groups[partners[a][1]].append(a)
-        keep = sorted(groups)
+        # ToMe's order after a merge (tome/merge.py): the A tokens left (ascending, CLS first), then the B tokens
+        keep = [t for t in range(0, n, 2) if t in groups] + list(range(1, n, 2))
         new_size = torch.stack([sb[groups[t]].sum() for t in keep])
         new_x = torch.stack([(sb[groups[t], None] * xb[groups[t]]).sum(0) for t in keep]) / new_size[:, None]
         xs.append(new_x + mlp(norm2(new_x)))

@@ -50,7 +50,8 @@ class Selection:
 
     Attributes:
         index: (B, K) long, ascending. The original position each output token represents (the kept token
-            itself, or the representative of a merged group).
+            itself, or the representative of a merged group). A selection made by :meth:`reorder` follows the
+            order it was given instead; :meth:`ascending` restores the usual form.
         assign: (B, N) long or None. Output slot in [0, K) that each input token folds into, or -1 for a token
             that is dropped rather than merged; None for pure pruning, where dropped tokens simply vanish.
         num_tokens: N, the number of input tokens.
@@ -98,7 +99,7 @@ class Selection:
         assign = self.assign.to(x.device)
         weight = weight * (assign >= 0).unsqueeze(-1)
         slot = (assign.clamp(min=0) + torch.arange(b, device=x.device)[:, None] * k).flatten()
-        total = torch.zeros(b * k, c, device=x.device).index_add_(0, slot, (x.float() * weight).view(b * n, c))
+        total = torch.zeros(b * k, c, device=x.device).index_add_(0, slot, (x.float() * weight).reshape(b * n, c))
         mass = torch.zeros(b * k, 1, device=x.device).index_add_(0, slot, weight.view(b * n, 1))
         return (total / mass).view(b, k, c).to(x.dtype)
 
@@ -121,6 +122,25 @@ class Selection:
         out = torch.full((b, self.num_tokens), -1, dtype=torch.long, device=self.index.device)
         slots = torch.arange(self.num_kept, device=self.index.device).expand(b, -1)
         return out.scatter_(1, self.index, slots)
+
+    def reorder(self, order: Tensor) -> Selection:
+        """The same groups with the outputs in another order: output j becomes this selection's output ``order[:, j]``.
+
+        ``order`` is (B, K) long, a permutation of [0, K) per row. ``index`` follows the new order and ``assign`` is
+        renumbered, so :meth:`merge`, :meth:`sizes` and :meth:`compose` give their outputs in that order. Inside
+        an encoder a method may fix the token order after a merge (:class:`~tokreduce.stages.BlockMerge`).
+        """
+        b, k = order.shape
+        position = torch.empty_like(order).scatter_(1, order, torch.arange(k, device=order.device).expand(b, k))
+        groups = self.groups()
+        assign = torch.where(groups >= 0, position.gather(1, groups.clamp(min=0)), -1)
+        return Selection(index=self.index.gather(1, order), num_tokens=self.num_tokens, assign=assign)
+
+    def ascending(self) -> Selection:
+        """This selection with its outputs in ascending order of ``index`` (itself when they already are)."""
+        if bool((self.index[:, 1:] >= self.index[:, :-1]).all()):
+            return self
+        return self.reorder(self.index.argsort(dim=-1))
 
     def compose(self, later: Selection) -> Selection:
         """This selection followed by ``later`` (which acts on this one's K outputs), as one selection of N."""

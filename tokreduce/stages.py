@@ -102,14 +102,17 @@ class BlockMerge:
     Attributes:
         protected: leading tokens the method itself protects (the adapter adds CLS / register tokens).
         schedule: ``(tokens in, protected, number of blocks) -> tokens merged in each block``.
-        match: ``(metric (B, N, D), r, protected) -> Selection`` of N - r tokens, one block's merge; the metric
-            is the block's keys averaged over heads.
+        match: ``(metric (B, N, D), r, protected) -> (Selection, order)``, one block's merge: the Selection of
+            N - r tokens (``index`` ascending) and ``order`` (B, N - r) long, the token order after the merge
+            (the block's output token j is the Selection's output ``order[:, j]``; protected tokens first). The
+            metric is the block's keys averaged over heads. The order matters from the second merge on: it
+            decides which tokens the next block's matching sees where.
         check: ``(number of blocks) -> None``, raises ``ValueError`` for knobs that cannot fit (at wrap time).
     """
 
     protected: int
     schedule: Callable[[int, int, int], list[int]]
-    match: Callable[[Tensor, int, int], Selection]
+    match: Callable[[Tensor, int, int], tuple[Selection, Tensor]]
     check: Callable[[int], None]
 
 

@@ -24,13 +24,30 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: int = 0) -> Selec
     with the highest such score merge into their partners (ties to the lower index), the rest stay. The
     first ``protected`` tokens are never merged away (their A rows are excluded) and never absorb others
     (their B columns are excluded). ``r`` is clamped to ``(N - protected) // 2``; r <= 0 is the identity.
-    A merged group is represented by its B partner; output tokens are in ascending original order.
+    A merged group is represented by its B partner; output tokens are in ascending original order
+    (:func:`block_matching` gives the order ToMe's own code leaves them in inside an encoder).
+    """
+    return block_matching(metric, r, protected)[0]
+
+
+def block_matching(metric: Tensor, r: int, protected: int = 0) -> tuple[Selection, Tensor]:
+    """One merge inside an encoder block: the matching of :func:`bipartite_soft_matching` and the token order after it.
+
+    metric: (B, N, C) -> (Selection of N - r tokens, ``index`` ascending; order (B, N - r) long), where the
+    block's output token j is the Selection's output ``order[:, j]``. The order is the one the reference's merge
+    produces (``bipartite_soft_matching`` in tome/merge.py of facebookresearch/ToMe): the protected tokens,
+    then the A tokens that stay, then every B token (with the A tokens merged into it). With protected tokens
+    the A tokens that stay are in ascending order; without, they are in the order of descending best score,
+    as the reference leaves them (it sorts them only to keep its class token first). The next block's
+    alternating split then pairs the same tokens as ToMe's own code, so multi-layer merging matches it.
+
+    Based on ToMe (Bolya et al., "Token Merging: Your ViT but Faster", arXiv 2210.09461).
     """
     b, n, _ = metric.shape
+    device = metric.device
     r = min(r, (n - protected) // 2)
     if r <= 0:
-        return Selection.identity(b, n, metric.device)
-    device = metric.device
+        return Selection.identity(b, n, device), torch.arange(n, device=device).expand(b, n)
     a_idx = torch.arange(0, n, 2, device=device)
     b_idx = torch.arange(1, n, 2, device=device)
     a_metric, b_metric = metric[:, a_idx], metric[:, b_idx]
@@ -47,7 +64,13 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: int = 0) -> Selec
     dst = b_idx[partner.gather(1, merged_a)]
     assign[rows, a_idx[merged_a]] = slot.gather(1, dst)
     index = survives.nonzero()[:, 1].view(b, n - r)
-    return Selection(index=index, num_tokens=n, assign=assign)
+    selection = Selection(index=index, num_tokens=n, assign=assign)
+    stay = a_idx[order[:, r:]]  # the A tokens that stay, by descending score
+    if protected:  # protected A tokens are never merged: sorted, they come first and are put in front below
+        stay = stay.sort(dim=-1).values[:, (protected + 1) // 2 :]
+    prefix = torch.arange(protected, device=device).expand(b, protected)
+    tokens = torch.cat([prefix, stay, b_idx[b_idx >= protected].expand(b, -1)], dim=1)
+    return selection, slot.gather(1, tokens)
 
 
 def _best_partner(a: Tensor, b: Tensor, b_excluded: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,9 +130,10 @@ class ToMeReducer(Reducer):
     """ToMe: merge the most similar tokens by bipartite soft matching, with size-weighted means.
 
     Inside a ViT (``stage="vision"``) ``r`` tokens are merged in every block between attention and MLP,
-    with proportional attention (log size added to the logits). On visual tokens before the LLM
+    with proportional attention (log size added to the logits); after each merge the tokens are in the order
+    of ToMe's own code ([unmerged A tokens, B tokens], :func:`block_matching`). On visual tokens before the LLM
     (``stage="pre_llm"``) matching runs on the tokens themselves, repeated until ``keep`` is met, since one
-    bipartite step can remove at most half of the tokens.
+    bipartite step can remove at most half of the tokens; the tokens left keep their original order.
 
     Based on ToMe (Bolya et al., "Token Merging: Your ViT but Faster", arXiv 2210.09461).
 
@@ -135,9 +159,10 @@ class ToMeReducer(Reducer):
             raise ValueError(f"r must be an int >= 0, a list of them, or (r, inflection), got {self.r!r}")
 
     def in_encoder(self) -> BlockMerge:
-        """Inside an encoder: ``r`` (or ``keep``) tokens merged per block by bipartite soft matching."""
+        """Inside an encoder: ``r`` (or ``keep``) tokens merged per block by bipartite soft matching, the tokens
+        left in the order of ToMe's own code (:func:`block_matching`)."""
         return BlockMerge(
-            protected=self.protected, schedule=self.schedule, match=bipartite_soft_matching, check=self.check_blocks
+            protected=self.protected, schedule=self.schedule, match=block_matching, check=self.check_blocks
         )
 
     def is_identity(self) -> bool:
