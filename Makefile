@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,vision,video,eval,demo,triton
+# what only the tests need on top (lmms-eval and its ~100 dependencies stay out of the demo's install)
+TEST_EXTRAS ?= lmms
 
 # the oldest transformers pyproject admits (its lower bound): `make test-oldest` runs the suite on it too
 OLDEST_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
@@ -20,11 +22,15 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-test: setup
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -e ".[$(EXTRAS),$(TEST_EXTRAS)]"
+	touch $@
+
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
 # A copy of the venv with only transformers swapped for the oldest supported release.
-test-oldest: setup
+test-oldest: $(VENV)/.installed-test
 	rm -rf $(OLDEST_VENV)
 	cp -a $(VENV) $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install -q "transformers==$(OLDEST_TRANSFORMERS)"

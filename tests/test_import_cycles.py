@@ -163,7 +163,7 @@ def test_kernels_import_nothing_else_from_the_project():
     assert not outside, f"tokreduce.kernels must be a leaf; it imports {outside}"
 
 
-APPS = ("tokreduce.cli", "tokreduce.eval", "tokreduce.demo")
+APPS = ("tokreduce.cli", "tokreduce.eval", "tokreduce.demo", "tokreduce.lmms")
 
 
 def is_app(module: str) -> bool:
@@ -171,7 +171,8 @@ def is_app(module: str) -> bool:
 
 
 def test_the_core_imports_no_app():
-    """The command, the evaluator with its benchmark, and the demo sit on the core; the core never imports them."""
+    """The command, the evaluator with its benchmark, the demo and the lmms-eval model sit on the core; the core
+    never imports them."""
     graph = import_graph()
     offenders = sorted(
         f"{name} -> {target}"
