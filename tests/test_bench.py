@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from tokreduce.eval.bench import COLUMNS, build_model, cache_layer_bytes, main, make_prompt, prefill
+from tokreduce.eval.bench import COLUMNS, main
+from tokreduce.eval.bench_models import build_model, cache_layer_bytes, make_prompt, prefill
 
 
 def test_quick_bench_on_tiny_models_prints_every_column(tmp_path, capsys):

@@ -54,11 +54,18 @@ from pathlib import Path
 
 import torch
 
-from tokreduce.adapters.compat import output_cache
 from tokreduce.flops import LMShape, ideal_reduction, reduction_layer
 
-from .bench_models import DEFAULT_MODELS, MODELS, Prompt, build_model, fresh, make_prompt
-from .measure import time_prefill
+from .bench_models import (
+    DEFAULT_MODELS,
+    MODELS,
+    Prompt,
+    build_model,
+    decode_rate,
+    lm_head_seconds,
+    make_prompt,
+    prefill,
+)
 
 DEFAULT_METHODS = ("random", "uniform", "pool", "tome", "divprune", "dycoke", "fastv", "dart", "framefusion")
 QUICK_METHODS = ("random", "divprune", "dycoke", "fastv")
@@ -88,59 +95,7 @@ COLUMNS = (
 )
 
 
-# -- models and prompts -------------------------------------------------------------------------------------
-
-
-# -- measurements -------------------------------------------------------------------------------------------
-def cache_layer_bytes(cache) -> list[int]:
-    """Bytes of the key and value tensors held by each layer of a (dynamic) KV cache."""
-    out = []
-    for layer in cache.layers:
-        out.append(sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None))
-    return out
-
-
-def prefill(model, prompt: Prompt):
-    """One timed prefill (logits of the last token only, as ``generate``): (seconds, per-layer cache bytes)."""
-    seconds, out = time_prefill(model, fresh(prompt.inputs), logits_to_keep=1)
-    return seconds, cache_layer_bytes(output_cache(out))
-
-
-class _Clock:
-    """A logits processor that records when each generated token's logits are ready."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.times.append(time.perf_counter())
-        return scores
-
-
-def decode_rate(model, prompt: Prompt, new_tokens: int) -> float:
-    """Tokens/s of the decode steps of ``generate`` (the prefill, which yields token 1, is excluded)."""
-    from transformers import LogitsProcessorList
-
-    if new_tokens < 2:
-        return float("nan")
-    clock = _Clock()
-    config = model.config
-    special = [
-        getattr(config, k, None)
-        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    ]
-    with torch.inference_mode():
-        model.generate(
-            **fresh(prompt.inputs),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            logits_processor=LogitsProcessorList([clock]),
-            suppress_tokens=[s for s in special if s is not None],
-        )
-    return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
-
-
+# -- results ------------------------------------------------------------------------------------------------
 @dataclass
 class Row:
     """One line of the result table (times in ms, bytes in bytes)."""
@@ -197,24 +152,6 @@ class Baseline:
         self.decode_tps = decode_rate(model, prompt, decode_tokens)  # also the warm-up
         _, self.layer_bytes = prefill(model, prompt)
         self.lm_head_s = lm_head_seconds(model)
-
-
-def lm_head_seconds(model, repeats: int = 5) -> float:
-    """Median time of the last-token logits (hidden x vocab): a cost every prefill pays whatever its length.
-
-    The FLOP count makes it negligible (2 * hidden * vocab), but on a CPU it is a matrix-vector product
-    bound by reading the whole (vocab, hidden) weight, tens of ms, which caps the measurable speed-up of
-    shallow or small models (see the notes under the table).
-    """
-    hidden = torch.randn(1, 1, model.config.get_text_config().hidden_size, dtype=model.dtype)
-    head = model.get_output_embeddings()
-    times = []
-    with torch.inference_mode():
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            head(hidden)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
 
 
 def bench_cell(

@@ -1,4 +1,4 @@
-"""Models and prompts for ``tokreduce bench``: published configs with random weights, and video prompts.
+"""Models, prompts and timings for ``tokreduce bench``: published configs with random weights, video prompts.
 
 Nothing is downloaded: speed depends only on shapes and token counts, not on weight values. The vision
 encoder is built with one block only (it never runs: the prompt's visual tokens are fed as precomputed
@@ -8,9 +8,15 @@ projected features through the model's ``mm_encoder_outputs`` argument, the path
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
+
+from tokreduce.adapters.compat import output_cache
+
+from .measure import time_prefill
 
 # Published config fields of the checkpoints (kept here so that the bench runs from an installed package).
 QWEN2_VL_2B = {
@@ -214,3 +220,71 @@ def fresh(inputs: dict) -> dict:
     if "mm_encoder_outputs" in out:
         out["mm_encoder_outputs"] = dict(out["mm_encoder_outputs"])
     return out
+
+
+# -- measurements -------------------------------------------------------------------------------------------
+def cache_layer_bytes(cache) -> list[int]:
+    """Bytes of the key and value tensors held by each layer of a (dynamic) KV cache."""
+    out = []
+    for layer in cache.layers:
+        out.append(sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None))
+    return out
+
+
+def prefill(model, prompt: Prompt):
+    """One timed prefill (logits of the last token only, as ``generate``): (seconds, per-layer cache bytes)."""
+    seconds, out = time_prefill(model, fresh(prompt.inputs), logits_to_keep=1)
+    return seconds, cache_layer_bytes(output_cache(out))
+
+
+class _Clock:
+    """A logits processor that records when each generated token's logits are ready."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def decode_rate(model, prompt: Prompt, new_tokens: int) -> float:
+    """Tokens/s of the decode steps of ``generate`` (the prefill, which yields token 1, is excluded)."""
+    from transformers import LogitsProcessorList
+
+    if new_tokens < 2:
+        return float("nan")
+    clock = _Clock()
+    config = model.config
+    special = [
+        getattr(config, k, None)
+        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    ]
+    with torch.inference_mode():
+        model.generate(
+            **fresh(prompt.inputs),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+            suppress_tokens=[s for s in special if s is not None],
+        )
+    return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+
+
+def lm_head_seconds(model, repeats: int = 5) -> float:
+    """Median time of the last-token logits (hidden x vocab): a cost every prefill pays whatever its length.
+
+    The FLOP count makes it negligible (2 * hidden * vocab), but on a CPU it is a matrix-vector product
+    bound by reading the whole (vocab, hidden) weight, tens of ms, which caps the measurable speed-up of
+    shallow or small models (see the notes under the table).
+    """
+    hidden = torch.randn(1, 1, model.config.get_text_config().hidden_size, dtype=model.dtype)
+    head = model.get_output_embeddings()
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            head(hidden)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])

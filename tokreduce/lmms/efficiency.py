@@ -21,8 +21,8 @@ from lmms_eval.api.instance import TokenCounts
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
 from ..adapters import get_adapter
-from ..eval.measure import reduction_layer, sample_prefill_flops
-from ..flops import LMShape
+from ..eval.measure import sample_prefill_flops
+from ..flops import LMShape, reduction_layer
 
 FIELDS = ("visual_tokens_in", "visual_tokens_out", "selection_s", "prefill_flops")
 
