@@ -150,14 +150,14 @@ class DecodePruning:
     def rebuild(self, run, memo: DecodeMemo, cache) -> None:
         """Re-form the caches of layers >= L: non-visual prompt entries + chosen visual entries + generated."""
         prefill = memo.prefill
-        keep = ~run.visual.clone()
+        stays = ~run.visual.clone()
         for i, chosen in enumerate(memo.chosen):
             if chosen is not None:
-                keep[i, chosen] = True
+                stays[i, chosen] = True
             else:
-                keep[i] = True
-        index, valid = left_pad_index(keep)
-        drop_index, drop_valid = left_pad_index(~keep)
+                stays[i] = True
+        index, valid = left_pad_index(stays)
+        drop_index, drop_valid = left_pad_index(~stays)
         old = memo.live  # (index, valid) of the prompt slots layers >= L hold now, None = all of them
         store = memo.store
         moved = 0

@@ -204,7 +204,7 @@ class LayerPruning:
     def prune(self, run, module, args, kwargs, hidden: Tensor):
         state, reducer = self.session.state, self.reducer
         b, n, _ = hidden.shape
-        keep = torch.ones(b, n, dtype=torch.bool, device=hidden.device)
+        stays = torch.ones(b, n, dtype=torch.bool, device=hidden.device)
         out = hidden
         attention, run.attention = run.attention, None
         keys, run.keys = run.keys, None
@@ -235,18 +235,20 @@ class LayerPruning:
                 if selection.is_identity:
                     continue
                 kept = pos[selection.index[0]]
-                keep_only(keep, span.sample, pos, kept)
+                keep_only(stays, span.sample, pos, kept)
                 if selection.assign is not None:
                     self.check_no_merge(selection)
                     out = out.clone() if out is hidden else out
                     out[span.sample, kept] = selection.merge(hidden[span.sample, pos][None])[0].to(out.dtype)
-        if bool(keep.all()):
+        if bool(stays.all()):
             run.cut = None
             return None
         if self.every_step:
-            run.cut = LayerCut(layer_kwargs=self.masked(kwargs, hidden, (run.base_mask * keep).to(run.base_mask.dtype)))
+            run.cut = LayerCut(
+                layer_kwargs=self.masked(kwargs, hidden, (run.base_mask * stays).to(run.base_mask.dtype))
+            )
             return args, {**kwargs, **run.cut.layer_kwargs}
-        index, valid = left_pad_index(keep)
+        index, valid = left_pad_index(stays)
         new_hidden = gather_seq(out, index)
         mask2d = (gather_seq(run.base_mask, index) * valid).to(run.base_mask.dtype)
         layer_pos = kwargs.get("position_ids")
@@ -300,19 +302,19 @@ class LayerPruning:
         """A decode step: choose again per span from this step's attention row; mask the rest in layers >= K."""
         state = self.session.state
         attention, run.attention = run.attention, None
-        keep = torch.ones_like(run.mask0, dtype=torch.bool)
-        chosen = [[] for _ in range(keep.shape[0])]
+        stays = torch.ones_like(run.mask0, dtype=torch.bool)
+        chosen = [[] for _ in range(stays.shape[0])]
         with Timer(state), torch.no_grad():
             for span, tokens in zip(run.spans, run.span_tokens, strict=True):
-                pos = span.positions.to(keep.device)
+                pos = span.positions.to(stays.device)
                 ctx = TokenContext(grid=span.piece.grid, span=span.index, attention=attention[span.sample, pos][None])
                 selection = self.reducer.select(tokens, ctx)
                 chosen[span.sample].append(selection.index[0].cpu())
                 if not selection.is_identity:
                     self.check_no_merge(selection)
-                    keep_only(keep, span.sample, pos, pos[selection.index[0]])
+                    keep_only(stays, span.sample, pos, pos[selection.index[0]])
         state.extra.setdefault("reselected", []).append(chosen)  # per decode step, sample, span: kept indices
-        run.cut.layer_kwargs = self.masked(kwargs, hidden, (run.mask0 * keep).to(run.mask0.dtype))
+        run.cut.layer_kwargs = self.masked(kwargs, hidden, (run.mask0 * stays).to(run.mask0.dtype))
         return args, {**kwargs, **run.cut.layer_kwargs}
 
     def masked(self, kwargs, hidden: Tensor, mask2d: Tensor) -> dict:
@@ -325,7 +327,7 @@ class LayerPruning:
             raise ValueError(f"{self.reducer.name}: choosing again at every decode step masks tokens, it cannot merge")
 
 
-def keep_only(keep: Tensor, sample: int, positions: Tensor, kept: Tensor) -> None:
-    """In ``keep`` (B, S), of the span at ``positions`` of row ``sample`` only ``kept`` stays True."""
-    keep[sample, positions] = False
-    keep[sample, kept] = True
+def keep_only(stays: Tensor, sample: int, positions: Tensor, kept: Tensor) -> None:
+    """In ``stays`` (B, S), of the span at ``positions`` of row ``sample`` only ``kept`` stays True."""
+    stays[sample, positions] = False
+    stays[sample, kept] = True

@@ -1,4 +1,4 @@
-"""Sequence surgery: shrink ids, masks and positions in lockstep with per-sample keep masks, re-pad left.
+"""Sequence surgery: shrink ids, masks and positions in lockstep with per-sample masks of the tokens that stay, re-pad left.
 
 Ragged rows are re-padded on the LEFT with a matching mask (what ``generate`` expects); positions of shape
 (..., B, N) such as M-RoPE's (3, B, N) are gathered on the last dim. The "original" position policy keeps
@@ -15,24 +15,24 @@ from torch import Tensor
 from .state import Run, Track
 
 
-def left_pad_index(keep: Tensor) -> tuple[Tensor, Tensor]:
+def left_pad_index(stays: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample keep masks -> a left-padded gather index.
 
     Args:
-        keep: (B, N) bool, True for tokens that stay.
+        stays: (B, N) bool, True for tokens that stay.
 
     Returns:
         index: (B, L) long, L = max kept per row; row b is [0] * (L - c_b) followed by its kept positions
             ascending (pad slots point at position 0 and must be masked).
         valid: (B, L) bool, False on pad slots.
     """
-    b, _ = keep.shape
-    counts = keep.sum(1)
+    b, _ = stays.shape
+    counts = stays.sum(1)
     length = int(counts.max()) if b else 0
-    rows, cols = keep.nonzero(as_tuple=True)
-    slot = (keep.long().cumsum(1) - 1 + (length - counts)[:, None])[rows, cols]
-    index = torch.zeros(b, length, dtype=torch.long, device=keep.device)
-    valid = torch.zeros(b, length, dtype=torch.bool, device=keep.device)
+    rows, cols = stays.nonzero(as_tuple=True)
+    slot = (stays.long().cumsum(1) - 1 + (length - counts)[:, None])[rows, cols]
+    index = torch.zeros(b, length, dtype=torch.long, device=stays.device)
+    valid = torch.zeros(b, length, dtype=torch.bool, device=stays.device)
     index[rows, slot] = cols
     valid[rows, slot] = True
     return index, valid
@@ -92,13 +92,13 @@ def pad_id(config, avoid: set[int]) -> int:
 
 
 def shrink_sequence(
-    kw: dict, keep: Tensor, policy: str, placeholder_ids: set[int], config
+    kw: dict, stays: Tensor, policy: str, placeholder_ids: set[int], config
 ) -> tuple[dict, Track, Tensor, Tensor]:
-    """Shrink input ids, mask and positions of one call in lockstep with ``keep`` (B, N) and left-pad.
+    """Shrink input ids, mask and positions of one call in lockstep with ``stays`` (B, N) and left-pad.
 
     Args:
         kw: the call's keyword arguments (input_ids, attention_mask, position_ids); a new dict is returned.
-        keep: (B, N) bool tokens that stay.
+        stays: (B, N) bool tokens that stay.
         policy: "original" keeps each token's position id; "compact" renumbers attended tokens contiguously.
 
     Returns:
@@ -106,7 +106,7 @@ def shrink_sequence(
     """
     ids = kw["input_ids"]
     b, n = ids.shape
-    index, valid = left_pad_index(keep)
+    index, valid = left_pad_index(stays)
     new = dict(kw)
     new_ids = gather_seq(ids, index).masked_fill(~valid, pad_id(config, placeholder_ids))
     mask = kw.get("attention_mask")

@@ -83,13 +83,13 @@ class ItemEdits:
     """Per-item reduced features being built span by span, and which placeholder tokens survive.
 
     ``write`` replaces one span's tokens by its kept values; ``finish`` drops the rest from every item and
-    marks the dropped sequence positions in ``keep`` (B, N). Shared by the pre-LLM and the vision stages.
+    marks the dropped sequence positions in ``stays`` (B, N). Shared by the pre-LLM and the vision stages.
     """
 
     def __init__(self, features: dict):
         self.features = features
         self.outputs = {m: list(feats) for m, feats in features.items()}
-        self.item_keep = {
+        self.item_stays = {
             m: [torch.ones(f.shape[0], dtype=torch.bool, device=f.device) for f in feats]
             for m, feats in features.items()
         }
@@ -99,7 +99,7 @@ class ItemEdits:
         """Keep ``offsets[slots]`` of the span's tokens, holding ``values`` (K, C); the span's other tokens go."""
         self.changed = True
         kept = offsets[slots]
-        mask = self.item_keep[span.modality][span.item]
+        mask = self.item_stays[span.modality][span.item]
         mask[offsets] = False
         mask[kept] = True
         out = self.outputs[span.modality][span.item]
@@ -107,14 +107,14 @@ class ItemEdits:
             out = self.outputs[span.modality][span.item] = out.clone()
         out[kept] = values.to(out.dtype)
 
-    def finish(self, placed: dict, keep: Tensor) -> dict | None:
-        """The reduced per-item features (None if no span changed); updates ``keep`` in place."""
+    def finish(self, placed: dict, stays: Tensor) -> dict | None:
+        """The reduced per-item features (None if no span changed); updates ``stays`` in place."""
         if not self.changed:
             return None
         for modality, items in placed.items():
             for i, (sample, positions) in enumerate(items):
-                mask = self.item_keep[modality][i]
-                keep[sample, positions[~mask.to(positions.device)]] = False
+                mask = self.item_stays[modality][i]
+                stays[sample, positions[~mask.to(positions.device)]] = False
                 self.outputs[modality][i] = self.outputs[modality][i][mask]
         return self.outputs
 
@@ -125,14 +125,14 @@ def reduce_features(
     features: dict[str, list[Tensor]],
     placed: dict,
     state,
-    keep: Tensor,
+    stays: Tensor,
     stage: str,
     width: int | None = None,
     side: dict[str, dict[str, list[Tensor]]] | None = None,
 ):
     """Reduce every span of the projected features; returns the reduced per-item features, or None if unchanged.
 
-    ``keep`` (B, N) is updated in place: dropped placeholder positions become False. Merged values are
+    ``stays`` (B, N) is updated in place: dropped placeholder positions become False. Merged values are
     written at their representative's slot, so each item's features stay in placeholder order.
 
     Args:
@@ -156,7 +156,7 @@ def reduce_features(
                 continue
             values = reducer.apply(tokens, selection)  # the method's own aggregation of merged tokens
             edits.write(span, offsets, selection.index[0], values[0])
-    return edits.finish(placed, keep)
+    return edits.finish(placed, stays)
 
 
 class Session:
@@ -280,15 +280,15 @@ class Session:
     def all_identity(self, spans: list[Span]) -> bool:
         return all(self.reducer.num_kept(s.piece.num_tokens, s.piece.grid) >= s.piece.num_tokens for s in spans)
 
-    def reduce_items(self, kw: dict, run: Run, placed: dict, layouts: dict, features: dict | None, keep: Tensor):
+    def reduce_items(self, kw: dict, run: Run, placed: dict, layouts: dict, features: dict | None, stays: Tensor):
         """Encode the items (unless generate passed ``features``) and reduce every span of them.
 
-        Returns the reduced per-item features, or None when nothing changed; ``keep`` (B, N) is updated in place.
+        Returns the reduced per-item features, or None when nothing changed; ``stays`` (B, N) is updated in place.
         Vision-stage sessions (vision.py) override this to reduce with what their encoder hooks recorded.
         """
         features = self.encoded(kw, features, layouts)
         return reduce_features(
-            self.reducer, run.spans, features, placed, self.state, keep, self.stage, **self.reduce_options(features)
+            self.reducer, run.spans, features, placed, self.state, stays, self.stage, **self.reduce_options(features)
         )
 
     def encoded(self, kw: dict, features: dict | None, layouts: dict) -> dict[str, list[Tensor]]:
@@ -315,12 +315,12 @@ class Session:
                 self.state.record(identity_span(span, self.stage), span.piece.num_tokens, span.piece.num_tokens)
             return None
         ids = kw["input_ids"]
-        keep = torch.ones_like(ids, dtype=torch.bool)
-        reduced = self.reduce_items(kw, run, placed, layouts, features, keep)
+        stays = torch.ones_like(ids, dtype=torch.bool)
+        reduced = self.reduce_items(kw, run, placed, layouts, features, stays)
         if reduced is None:
             return None
         new, track, index, valid = shrink_sequence(
-            kw, keep, self.reducer.positions, set(self.adapter.token_ids(self.config).values()), self.config
+            kw, stays, self.reducer.positions, set(self.adapter.token_ids(self.config).values()), self.config
         )
         run.seq = track
         run.visual = gather_seq(run.visual, index) & valid

@@ -242,7 +242,7 @@ class VisionSession(Session):
         # a merge schedule is not a per-span budget; an identity reducer never gets here (dispatch)
         return self.merging is None and super().all_identity(spans)
 
-    def reduce_items(self, kw: dict, run, placed: dict, layouts: dict, features: dict | None, keep: Tensor):
+    def reduce_items(self, kw: dict, run, placed: dict, layouts: dict, features: dict | None, stays: Tensor):
         features = self.encoded(kw, features, layouts)
         missing = [m for m in features if m not in self.records]
         if missing:
@@ -264,7 +264,7 @@ class VisionSession(Session):
         else:
             self.state.extra["vision_layer"] = self.tap.score_layer
             choose = self.choose_in_tower if self.in_tower else self.choose_projected
-        return apply_spans(run.spans, features, placed, keep, choose, self.state)
+        return apply_spans(run.spans, features, placed, stays, choose, self.state)
 
     def choose_merged(self, span, tokens: Tensor) -> SpanResult:
         """The recorded merge of this image: keep one (unmerged, hence exact) token per group."""
@@ -311,10 +311,10 @@ class VisionSession(Session):
         return SpanResult(index, values[0], index, None if selection.assign is None else selection.assign[0])
 
 
-def apply_spans(spans, features: dict, placed: dict, keep: Tensor, choose, state) -> dict | None:
+def apply_spans(spans, features: dict, placed: dict, stays: Tensor, choose, state) -> dict | None:
     """Apply ``choose(span, tokens) -> SpanResult`` to every span; reduced per-item features, or None.
 
-    ``keep`` (B, N) is updated in place. Like ``base.reduce_features``, except that the values and the slots
+    ``stays`` (B, N) is updated in place. Like ``base.reduce_features``, except that the values and the slots
     come from the chooser (a CLS token may take a slot that no patch keeps).
     """
     edits = ItemEdits(features)
@@ -336,4 +336,4 @@ def apply_spans(spans, features: dict, placed: dict, keep: Tensor, choose, state
         if result.values is None:
             continue
         edits.write(span, offsets, result.slots.to(feats.device), result.values)
-    return edits.finish(placed, keep)
+    return edits.finish(placed, stays)
