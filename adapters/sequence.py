@@ -92,14 +92,16 @@ def pad_id(config, avoid: set[int]) -> int:
 
 
 def shrink_sequence(
-    kw: dict, stays: Tensor, policy: str, placeholder_ids: set[int], config
+    kw: dict, stays: Tensor, policy: str, placeholder_ids: set[int], config, mask: Tensor, positions: Tensor
 ) -> tuple[dict, Track, Tensor, Tensor]:
     """Shrink input ids, mask and positions of one call in lockstep with ``stays`` (B, N) and left-pad.
 
     Args:
-        kw: the call's keyword arguments (input_ids, attention_mask, position_ids); a new dict is returned.
+        kw: the call's keyword arguments (input_ids, token types); a new dict is returned.
         stays: (B, N) bool tokens that stay.
         policy: "original" keeps each token's position id; "compact" renumbers attended tokens contiguously.
+        mask: (B, N) the call's 2-D attention mask (ones where none was given), as the prefill computed it.
+        positions: (..., B, N) the call's position ids in the original numbering, as the prefill computed them.
 
     Returns:
         (new kwargs, Track of layer 0, index (B, L), valid (B, L)).
@@ -109,10 +111,7 @@ def shrink_sequence(
     index, valid = left_pad_index(stays)
     new = dict(kw)
     new_ids = gather_seq(ids, index).masked_fill(~valid, pad_id(config, placeholder_ids))
-    mask = kw.get("attention_mask")
-    base = torch.ones(b, n, dtype=torch.long, device=ids.device) if mask is None else mask
-    new_mask = (gather_seq(base, index) * valid).to(base.dtype)
-    positions = original_positions(kw, b, n, ids.device)
+    new_mask = (gather_seq(mask, index) * valid).to(mask.dtype)
     kept_pos = gather_last(positions, index).masked_fill(~valid, 0)
     new_pos = kept_pos if policy == "original" else compact_positions(kept_pos, new_mask)
     shift = (positions[..., -1] + 1) - (new_pos[..., -1] + 1)

@@ -265,7 +265,13 @@ class Session:
                 visual[sample, positions] = True
         positions = original_positions(kw, b, n, ids.device)
         run = Run(
-            cache=cache, length=n, next_pos=positions[..., -1] + 1, spans=spans, base_mask=base_mask, visual=visual
+            cache=cache,
+            length=n,
+            next_pos=positions[..., -1] + 1,
+            spans=spans,
+            base_mask=base_mask,
+            positions=positions,
+            visual=visual,
         )
         self.run = run
         if not self.reduces_before_llm():
@@ -319,8 +325,9 @@ class Session:
         reduced = self.reduce_items(kw, run, placed, layouts, features, stays)
         if reduced is None:
             return None
+        placeholders = set(self.adapter.token_ids(self.config).values())
         new, track, index, valid = shrink_sequence(
-            kw, stays, self.reducer.positions, set(self.adapter.token_ids(self.config).values()), self.config
+            kw, stays, self.reducer.positions, placeholders, self.config, run.base_mask, run.positions
         )
         run.seq = track
         run.visual = gather_seq(run.visual, index) & valid

@@ -48,6 +48,7 @@ class Run:
         seq: mask and shift of layer 0 on (None when the sequence was not shortened before the LLM).
         deep: mask and shift of the layers that hold pruned caches (llm / decode stages), else None.
         base_mask: (B, N) the prompt's own 2-D mask (ones when none was given).
+        positions: (..., B, N) the prompt's position ids in the original numbering (computed once per prefill).
         visual: (B, S) bool, visual tokens of the sequence the language model sees.
         rope_positions: (3, B, N) M-RoPE positions of the prompt (Qwen-VL), for in-LLM pruning.
         attention: (B, N) float32 attention row of layer K-1, waiting for layer K's selection ((B, S) over the
@@ -68,6 +69,7 @@ class Run:
     next_pos: Tensor
     spans: list[Span]
     base_mask: Tensor
+    positions: Tensor | None = None
     seq: Track | None = None
     deep: Track | None = None
     visual: Tensor | None = None
