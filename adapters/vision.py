@@ -327,9 +327,15 @@ class VisionSession(Session):
     # -- in the prefill hook ------------------------------------------------------------------------------
     def prefill(self, kw: dict, cache):
         try:
-            return super().prefill(kw, cache)
+            out = super().prefill(kw, cache)
         finally:
             self.records.clear()  # a record belongs to one prompt
+        if out is None and kw.get("mm_encoder_outputs") == {}:
+            # generate cannot pre-encode through the wrapped feature functions (their signature hides the pixel
+            # arguments, so every beam row is encoded by the forward) and leaves an empty dict next to the
+            # pixels, a pair the model refuses when nothing was reduced
+            return (), {**kw, "mm_encoder_outputs": None}
+        return out
 
     def all_identity(self, spans) -> bool:
         # a merge schedule is not a per-span budget; an identity reducer never gets here (dispatch)

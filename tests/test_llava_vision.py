@@ -340,6 +340,18 @@ def test_budget_edge_cases(models):
     assert [len(s.index) for s in state.selections[0]] == [1, 2, 4]  # one per crop / frame, at least
 
 
+@pytest.mark.parametrize("model_type", ["llava", "llava_onevision"])
+def test_generate_when_every_span_stays_whole(models, model_type):
+    """keep=0.99 leaves every 16-token grid whole: generate() must run unchanged (the pixels reach the forward)."""
+    model = models(model_type)
+    inputs = inputs_for(model, seed=10)
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=3, **GREEDY)
+        with tokreduce.VisionZip(keep=0.99)(model) as state:
+            out = model.generate(**inputs, max_new_tokens=3, **GREEDY)
+    assert torch.equal(out, ref) and state.stats.tokens_out == state.stats.tokens_in
+
+
 @pytest.mark.parametrize("name", REDUCERS)
 def test_beam_search_reduces_every_beam_alike(models, name):
     model = models("llava")
