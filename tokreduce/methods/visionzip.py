@@ -141,8 +141,8 @@ class VisionZipReducer(Reducer):
             10, 20, 30.
         layer: encoder block whose attention and keys choose the tokens, negative counts from the end
             (default None: the layer whose output the model uses; for a plain ViT the penultimate block).
-        keep_cls: in a CLIP tower with a CLS token (LLaVA-1.5), the CLS token is one of the dominant
-            tokens, as in the LLaVA reference (default True); False keeps ``dominant`` patches instead.
+        keep_cls: in a CLIP tower with a CLS token (LLaVA-1.5, LLaVA-NeXT), the CLS token of every crop is one
+            of its dominant tokens, as in the LLaVA reference (default True); False keeps ``dominant`` patches.
             A plain ViT always keeps its CLS token (its head reads it).
     """
 
