@@ -77,6 +77,12 @@ class VLMAdapter:
 
         return attach_vision(self, model, reducer, mode, state, session, hooks)
 
+    def vision_rows(self, inner, modality: str, call: dict) -> list:
+        """For a vision-stage reducer that chooses tokens in the tower: how the tower rows (images, crops, frames)
+        of one feature-function ``call`` become each item's tokens, a list of
+        :class:`~tokreduce.adapters.vision.ItemRows` (LLaVA families)."""
+        raise NotImplementedError
+
     def check_layer(self, model, layer: int, reducer) -> None:
         """Refuse in-LLM pruning at ``layer`` where the family cannot follow it (nothing to refuse by default)."""
 

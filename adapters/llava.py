@@ -11,9 +11,10 @@ Placeholder layouts, from the config and the input shapes only (so they also wor
   ends with its newline. A single-crop image is (1, h, w) plus one newline.
 
 Vision stage (``adapters/vision.py``): on ``llava`` a block-merging reducer merges inside the CLIP / SigLIP
-layers and a one-layer scoring reducer merges the feature layer's tokens before the projector
-(``vision_in_tower``); on ``llava_next`` the tower's scores are carried to the projected tokens by the model's
-own packing (:func:`anyres_side`).
+layers (``vision_in_tower``: one plain grid per image). A one-layer scoring reducer reduces every tower row
+before the projector on both families; :meth:`LlavaAdapter.vision_rows` (an image stands alone) and
+:func:`anyres_rows` (the base view alone, then the high-resolution crops stitched in their grid, without
+unpadding or newline tokens) say how the rows become the image's tokens.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import Tensor
 from .base import VLMAdapter
 from .layout import ItemLayout, grid_piece
 from .tower import has_cls
+from .vision import ItemRows, RowGroup
 
 
 def tokens_per_side(config) -> int:
@@ -122,46 +124,37 @@ def video_features(inner, kw: dict) -> list[Tensor]:
     return list(out.pooler_output)
 
 
-def anyres_side(inner, rows: Tensor, image_sizes, patched: list[bool] | None = None, **pack) -> list[Tensor]:
-    """Per-crop token side information -> per-image rows in the placeholder layout, by the model's own packing.
+def anyres_rows(config, image_sizes, newline: Tensor, patched: list[bool] | None = None) -> list[ItemRows]:
+    """How the tower rows of anyres images become their tokens when reduced in the tower, per image.
 
-    The model's ``pack_image_features`` (base view, unpadded high-resolution grid, OneVision's resize) only
-    slices, permutes and interpolates, so it carries any channels; newline slots get zeros.
+    An image split into crops is its base view (one row, alone) followed by its crops stitched in their
+    (rows, columns) grid, with no newline token (the grid is neither unpadded nor resized); an image seen whole
+    (``patched`` False: OneVision's multi-image samples) is one row followed by ``newline``.
 
     Args:
-        rows: (R, P, S) one row per crop that went through the tower (padding crops already dropped), P tokens.
         image_sizes: the call's (num_images, 2) sizes.
+        newline: (C,) the model's ``image_newline``.
         patched: per image, whether it was split into crops (OneVision's ``batch_num_images``); default all.
-        pack: extra keyword arguments of the family's ``pack_image_features``.
-
-    Returns:
-        [(L_i, S)] per image.
     """
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
-    config = inner.config
     sizes = image_sizes_list(image_sizes)
     patched = [True] * len(sizes) if patched is None else patched
-    crops = [
-        image_size_to_num_patches(list(size), config.image_grid_pinpoints, config.vision_config.image_size) if p else 1
-        for size, p in zip(sizes, patched, strict=True)
-    ]
-    newline = rows.new_zeros(rows.shape[-1])
-    packed, _ = inner.pack_image_features(list(rows.split(crops)), image_sizes, image_newline=newline, **pack)
-    return list(packed)
-
-
-def next_image_side(inner, call: dict, rows: Tensor) -> list[Tensor]:
-    """:func:`anyres_side` for LLaVA-NeXT images (its packing takes the call's feature-select strategy)."""
-    strategy = call.get("vision_feature_select_strategy") or inner.config.vision_feature_select_strategy
-    return anyres_side(inner, rows, call["image_sizes"], vision_feature_select_strategy=strategy)
+    out = []
+    for size, split in zip(sizes, patched, strict=True):
+        if not split:
+            out.append(ItemRows([RowGroup(1)], newline=newline))
+            continue
+        rows, columns = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        out.append(ItemRows([RowGroup(1), RowGroup(rows * columns, stitch=(rows, columns))]))
+    return out
 
 
 class LlavaAdapter(VLMAdapter):
     """LLaVA-1.5: a CLIP grid per image, projected by a 2-layer MLP into the language model."""
 
     model_types = ("llava",)
-    # vision-stage reducers act on the tower's own tokens: merging in its layers, scoring before the projector
+    # the tower's output is one plain grid per image, so vision-stage reducers may also merge in its layers
     vision_in_tower = True
 
     def layouts(self, inner, kw: dict) -> dict[str, list[ItemLayout]]:
@@ -196,6 +189,10 @@ class LlavaAdapter(VLMAdapter):
         extra = {"image_sizes": kw["image_sizes"]} if kw.get("image_sizes") is not None else {}
         return {"image": image_features(inner, kw, **extra)}
 
+    def vision_rows(self, inner, modality: str, call: dict) -> list[ItemRows]:
+        """One tower row per image, standing alone."""
+        return [ItemRows([RowGroup(1)]) for _ in range(call["pixel_values"].shape[0])]
+
 
 class LlavaNextAdapter(VLMAdapter):
     """LLaVA-NeXT: base view + anyres high-resolution grid with newline tokens, per image."""
@@ -215,6 +212,6 @@ class LlavaNextAdapter(VLMAdapter):
     def encode(self, inner, kw: dict) -> dict[str, list[Tensor]]:
         return {"image": image_features(inner, kw, image_sizes=kw["image_sizes"])}
 
-    def vision_side(self, inner, modality: str, call: dict, rows: Tensor) -> list[Tensor]:
-        """Per-crop (R, P, S) tower side information (one-layer scores) -> per-image (L_i, S) rows."""
-        return next_image_side(inner, call, rows)
+    def vision_rows(self, inner, modality: str, call: dict) -> list[ItemRows]:
+        """Base view, then the crops stitched in their grid, per image (:func:`anyres_rows`)."""
+        return anyres_rows(inner.config, call["image_sizes"], inner.image_newline)

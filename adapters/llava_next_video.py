@@ -4,15 +4,13 @@ Layouts: images as in LLaVA-NeXT (base view + high-resolution grid with row newl
 is one (F, h / s, w / s) grid, s = ``spatial_pool_stride`` (the frames' patch grids are pooled by the
 model's ``vision_resampler``), with no newline tokens.
 
-Vision stage (``adapters/vision.py``): one-layer scoring with tower scores carried to the projected tokens
-(:meth:`LlavaNextVideoAdapter.vision_side`); merging inside the tower is refused.
+Vision stage (``adapters/vision.py``): a one-layer scoring reducer reduces every crop / frame in the tower,
+before the projector (:meth:`LlavaNextVideoAdapter.vision_rows`): images as in LLaVA-NeXT, a video's frames
+one after another (the ``vision_resampler`` pooling is not applied); merging inside the tower is refused.
 """
 
 from __future__ import annotations
 
-import math
-
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import compat
@@ -21,13 +19,14 @@ from .layout import ItemLayout, grid_piece
 from .llava import (
     anyres_layout,
     anyres_layout_from_feature,
+    anyres_rows,
     check_anyres_strategy,
     image_features,
     image_sizes_list,
-    next_image_side,
     tokens_per_side,
     video_features,
 )
+from .vision import ItemRows, RowGroup
 
 
 class LlavaNextVideoAdapter(VLMAdapter):
@@ -74,18 +73,14 @@ class LlavaNextVideoAdapter(VLMAdapter):
             features = [f[None] for f in features]
         return compat.encoder_output(features)
 
-    def vision_side(self, inner, modality: str, call: dict, rows: Tensor) -> list[Tensor]:
-        """Per-crop / per-frame (R, P, S) tower side information (one-layer scores) -> per-item (L_i, S) rows.
-
-        Video frames are averaged over each ``spatial_pool_stride`` window, the grid the model pools to (for
-        ``spatial_pool_mode="max"`` / ``"conv"`` the scores are still averaged).
-        """
+    def vision_rows(self, inner, modality: str, call: dict) -> list[ItemRows]:
+        """Per image: :func:`anyres_rows`; per video: its frames, each alone (no pooling, no newline)."""
         if modality == "image":
-            return next_image_side(inner, call, rows)
-        # Adapted from transformers/models/llava_next_video/modeling_llava_next_video.py (v5.23): LlavaNextVideoPooler,
-        # always averaging (the side information is not pooled by the model's max / conv pooling).
-        videos = call["pixel_values_videos"].shape[0]
-        side, stride = math.isqrt(rows.shape[1]), inner.config.spatial_pool_stride
-        grid = rows.reshape(-1, side, side, rows.shape[-1]).permute(0, 3, 1, 2)  # (R, S, side, side)
-        pooled = F.avg_pool2d(grid, stride, stride).flatten(2).transpose(1, 2)  # (R, P', S)
-        return list(pooled.reshape(videos, -1, rows.shape[-1]))
+            return anyres_rows(inner.config, call["image_sizes"], inner.image_newline)
+        if inner.config.spatial_pool_mode == "conv":
+            raise ValueError(
+                "vision-stage reduction on llava_next_video skips the video pooler, but a 'conv' spatial_pool_mode "
+                "is a learned layer the projector expects; use a pre_llm reducer"
+            )
+        videos, frames = call["pixel_values_videos"].shape[:2]
+        return [ItemRows([RowGroup(frames)]) for _ in range(videos)]

@@ -6,8 +6,10 @@ images get one crop per image (``batch_num_images``) followed by a single newlin
 one (F, ceil(h / 2), ceil(w / 2)) grid (frames are 2x2 bilinear-pooled) followed by one newline token,
 which is never removed.
 
-Vision stage (``adapters/vision.py``): one-layer scores from the SigLIP tower (attention received) carried
-to the projected tokens (:meth:`LlavaOnevisionAdapter.vision_side`); merging inside the tower is refused.
+Vision stage (``adapters/vision.py``): a one-layer scoring reducer reduces every crop / frame in the SigLIP
+tower (attention received), before the projector (:meth:`LlavaOnevisionAdapter.vision_rows`): images as in
+LLaVA-NeXT, a video's frames one after another (not pooled) and its newline token; merging inside the tower
+is refused.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from .layout import ItemLayout, grid_piece
 from .llava import (
     anyres_layout,
     anyres_layout_from_feature,
-    anyres_side,
+    anyres_rows,
     check_anyres_strategy,
     image_features,
     image_sizes_list,
     tokens_per_side,
     video_features,
 )
+from .vision import ItemRows, RowGroup
 
 
 def pooled_side(side: int) -> int:
@@ -83,17 +86,11 @@ class LlavaOnevisionAdapter(VLMAdapter):
             features = torch.cat(features)[None]
         return compat.encoder_output(features)
 
-    def vision_side(self, inner, modality: str, call: dict, rows: Tensor) -> list[Tensor]:
-        """Per-crop / per-frame (R, P, S) tower side information (one-layer scores) -> per-item (L_i, S) rows.
-
-        Images go through the model's own packing; video frames through its own 2x2 bilinear pooling (an
-        average of each 2x2 window for even grids), followed by a zero row for the newline token.
-        """
+    def vision_rows(self, inner, modality: str, call: dict) -> list[ItemRows]:
+        """Per image: :func:`anyres_rows`; per video: its frames, each alone, then its newline token."""
         if modality == "image":
             counts = call.get("batch_num_images")
             patched = None if counts is None else [int(n) == 1 for n in counts for _ in range(int(n))]
-            ratio = call.get("vision_aspect_ratio") or inner.config.vision_aspect_ratio
-            return anyres_side(inner, rows, call["image_sizes"], patched, vision_aspect_ratio=ratio)
-        videos = call["pixel_values_videos"].shape[0]
-        pooled = inner.apply_pooling(rows).reshape(videos, -1, rows.shape[-1])
-        return list(torch.cat([pooled, pooled.new_zeros(videos, 1, rows.shape[-1])], dim=1))
+            return anyres_rows(inner.config, call["image_sizes"], inner.image_newline, patched)
+        videos, frames = call["pixel_values_videos"].shape[:2]
+        return [ItemRows([RowGroup(frames)], newline=inner.image_newline) for _ in range(videos)]

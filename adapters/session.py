@@ -107,6 +107,16 @@ class ItemEdits:
             out = self.outputs[span.modality][span.item] = out.clone()
         out[kept] = values.to(out.dtype)
 
+    def replace(self, modality: str, item: int, values: Tensor) -> None:
+        """The item's whole placeholder run becomes ``values`` (M, C), in order, in its first M slots."""
+        feats = self.features[modality][item]
+        self.changed = True
+        mask = self.item_stays[modality][item]
+        mask[:] = False
+        mask[: values.shape[0]] = True
+        out = self.outputs[modality][item] = feats.clone()
+        out[: values.shape[0]] = values.to(out.dtype)
+
     def finish(self, placed: dict, stays: Tensor) -> dict | None:
         """The reduced per-item features (None if no span changed); updates ``stays`` in place."""
         if not self.changed:

@@ -133,16 +133,14 @@ class ScoreTap:
     They act only inside :meth:`recording`, i.e. while a wrapped feature function runs.
     """
 
-    def __init__(self, tower: Tower, score_layer: int, capture_hidden: bool):
+    def __init__(self, tower: Tower, score_layer: int):
         self.tower = tower
         self.score_layer = score_layer
-        self.capture_hidden = capture_hidden
         self.found: dict | None = None
 
     def attach(self, hooks) -> None:
         hooks.pre(self.tower.layers[self.score_layer], self.score)
-        if self.capture_hidden:
-            hooks.post(self.tower.layers[self.tower.feature], self.keep_output)
+        hooks.post(self.tower.layers[self.tower.feature], self.keep_output)
 
     @contextmanager
     def recording(self):

@@ -1,10 +1,10 @@
 """The vision stage of the LLaVA family: reducers that work inside the vision tower (``reducer.in_encoder()``).
 
 Every LLaVA-family model computes its visual features in ``get_image_features`` / ``get_video_features`` (the
-vision tower, then the projector, then the family's anyres packing or video pooling). ``generate`` calls them
-before the prefill and hands the features to ``forward``; ``forward`` calls them itself otherwise. So the
-vision stage wraps those two methods on the model instance (a removable handle, like the hooks) and records,
-per call, what the reducer needs; the prefill hook of :class:`VisionSession` then turns the record into
+vision tower, then the projector, then the family's anyres packing or video pooling), called by ``forward``
+(``generate`` would call them before the prefill, but the wrapped functions below hide their signature from
+it, so that beam search still encodes every row). So the vision stage wraps those two methods on the model
+instance (a removable handle, like the hooks) and records, per call, what the reducer needs; the prefill hook of :class:`VisionSession` then turns the record into
 per-span selections and reduced features, and the shared sequence surgery shrinks ``input_ids``, mask and
 positions in lockstep and passes the features as ``mm_encoder_outputs``.
 
@@ -19,35 +19,37 @@ By what the reducer declares (:mod:`tokreduce.stages`) and the family:
   (every patch carries its group's value), so the model's own layout code and ``generate`` see the usual
   number of tokens; the prefill keeps one token per group, which is exactly the merged token. Other families
   (anyres crops, pooled video frames must stay full grids) refuse it with the alternative.
-- :class:`~tokreduce.stages.LayerScore` on ``llava``: hooks capture the score layer's input (scores and keys)
-  and the feature layer's output; the reducer selects and merges on ``[CLS, patches]`` there, BEFORE the
-  projector, then the projector runs on the kept tokens. With ``keep_cls`` the CLS token competes (and is
-  kept) among the patches; with "default" (CLS not in the placeholder run) it takes the placeholder slot of
-  the first patch that is not kept; ``state.selections`` lists the kept patches only and
-  ``stats.tokens_out`` counts the CLS token too.
-- :class:`~tokreduce.stages.LayerScore` on ``llava_next``, ``llava_onevision``, ``llava_next_video``: the
-  scores and keys captured in the tower are carried to the placeholder layout by the model's own packing
-  (base view, unpadded high-resolution grid, OneVision's resize) or by averaging over each video pooling
-  window (``adapter.vision_side``), and the reducer acts on the projected span tokens (a deviation from
-  scoring methods that merge inside the tower).
+- :class:`~tokreduce.stages.LayerScore` on every family: hooks capture the score layer's input (scores and
+  keys) and the feature layer's output for every tower row (image, anyres crop, video frame); the reducer
+  selects and merges each row's ``[CLS, patches]`` there, BEFORE the projector (:meth:`~VisionSession.reduce_row`),
+  then the projector runs on the kept tokens. How an item's rows become its tokens is the adapter's
+  :meth:`vision_rows` (:class:`ItemRows`): rows that stand alone (an image, a video frame) give [CLS, own
+  tokens, summaries] one after the other; the crops of an anyres image put their own tokens at their place
+  in the stitched crop grid, read row by row, then every crop's CLS token, then every crop's summaries. The
+  model's packing that needs whole grids is not applied (anyres unpadding, OneVision's resize, newline
+  tokens after grid rows, video pooling); a single newline that ends an item stays at its end. The item's
+  new tokens fill the first slots of its placeholder run, so they keep consecutive positions and the rest
+  of the run is dropped.
 
 No switch to eager attention: scores are recomputed from q / k of the one layer, softmax in float32, in chunks
 of whole crops / frames.
 
-Recorded in ``state``: ``selections[b]``, one :class:`~tokreduce.SpanSelection` per image grid / video of
-sample ``b`` (stage "vision", kept patch indices, ``assign`` = merge groups, grid); ``stats`` tokens in / out
-per sample; ``extra``: for merging, ``schedule``, ``tokens_per_layer`` (CLS included, after each layer up to
-the feature layer) and ``size`` ((rows, tokens, 1) original tokens behind each token: the CLS token, then the
-groups in the order of the span selection's ``index``); for scoring,
-``vision_layer`` (the scored encoder layer).
+Recorded in ``state``: ``selections[b]``, one :class:`~tokreduce.SpanSelection` per piece of the layout of
+sample ``b`` (stage "vision", kept indices ascending, ``assign`` = merge groups). With one-layer scoring its
+grid is the tower's: (rows, h, w) for rows that stand alone, (1, H, W) for stitched crops, the kept CLS
+tokens not listed; ``stats`` tokens in / out per sample (placeholder tokens, so that in - out is what the
+sequence lost: dropped newline tokens count in); ``extra``: for merging, ``schedule``, ``tokens_per_layer``
+(CLS included, after each layer up to the feature layer) and ``size`` ((rows, tokens, 1) original tokens
+behind each token: the CLS token, then the groups in the order of the span selection's ``index``); for
+scoring, ``vision_layer`` (the scored encoder layer).
 
-Cost left on the table: on ``llava`` with one-layer scoring, the model's own projector still runs once on all
-patch tokens before the kept tokens are projected again (the features must exist for ``generate``'s
-pre-encoding).
+Cost left on the table: the model's own projector (and packing) still runs once on every token before the
+kept tokens are projected again (the features must exist for ``generate``'s pre-encoding).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -58,7 +60,7 @@ from tokreduce.selection import Selection
 from tokreduce.stages import BlockMerge
 
 from .sequence import signature_kwargs
-from .session import ItemEdits, Session
+from .session import ItemEdits, Session, identity_span
 from .tower import InstanceMethod, MergingTower, ScoreTap, Tower, tower_of
 
 FEATURE_FUNCTIONS = {"image": "get_image_features", "video": "get_video_features"}
@@ -74,8 +76,8 @@ class Record:
         strategy: the call's ``vision_feature_select_strategy``.
         merged: the composed merge over the rows' [CLS] + patch tokens (None: nothing merged).
         scores, metric, hidden: one-layer per-row (R, T) scores, (R, T, D) metric, (R, T, C) feature-layer
-            hidden states (in-tower mode only).
-        side: per item (L_i, 1 + D): score and metric carried to the placeholder layout (projected mode).
+            hidden states, CLS token included.
+        plans: per item of the call, how its rows become its tokens (one-layer scoring).
         extra: counts for ``state.extra`` (tokens per layer, sizes, schedule).
     """
 
@@ -85,14 +87,113 @@ class Record:
     scores: Tensor | None = None
     metric: Tensor | None = None
     hidden: Tensor | None = None
-    side: list[Tensor] | None = None
+    plans: list[ItemRows] | None = None
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
     @property
     def items(self) -> int:
         """Images / videos of the call (one tower row per image where the tower sees whole images)."""
-        return self.rows if self.side is None else len(self.side)
+        return self.rows if self.plans is None else len(self.plans)
+
+
+# -- how the rows of an item become its tokens (the adapters describe it) ------------------------------------
+@dataclass
+class RowGroup:
+    """Consecutive tower rows of one item that make one reducible piece of its layout.
+
+    Attributes:
+        rows: how many rows.
+        stitch: (crop rows, crop columns) when the rows are the crops of one picture, row-major (anyres
+            high-resolution crops); None when every row stands alone (a whole image, a video frame).
+    """
+
+    rows: int
+    stitch: tuple[int, int] | None = None
+
+
+@dataclass
+class ItemRows:
+    """How the tower rows of one image / video become its tokens when the reducer chose them in the tower.
+
+    Attributes:
+        groups: one per piece of the item's layout, in piece order.
+        newline: (C,) a token the model ends the item with, kept at its end; None: no such token, or the
+            model's newline tokens after grid rows, which are dropped.
+    """
+
+    groups: list[RowGroup]
+    newline: Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return sum(group.rows for group in self.groups)
+
+
+@dataclass
+class RowTokens:
+    """One tower row after the reducer, projected.
+
+    Attributes:
+        lead: (c, C) the CLS token leading the row's tokens (c = 1), or (0, C).
+        index: (K,) kept patches, ascending (the CLS token not counted).
+        values: (K, C) their projected values.
+        summary: (K,) bool, the kept tokens that summarise others (they go after the rest).
+        assign: (P,) output slot in ``index`` of every patch (-1: dropped), or None for pure pruning.
+    """
+
+    lead: Tensor
+    index: Tensor
+    values: Tensor
+    summary: Tensor
+    assign: Tensor | None
+
+
+def group_position(group: RowGroup, row: int, patch: Tensor, side: int) -> Tensor:
+    """Where patches of the group's ``row`` sit in the group's grid: rows one after another, or crops stitched."""
+    if group.stitch is None:
+        return row * side * side + patch
+    columns = group.stitch[1]
+    crop_row, crop_col = divmod(row, columns)
+    return (crop_row * side + patch // side) * (columns * side) + crop_col * side + patch % side
+
+
+def pack_group(group: RowGroup, rows: list[RowTokens], side: int) -> tuple[Tensor, tuple, Tensor, Tensor | None]:
+    """A group's tokens in emission order, and what was kept in the group's grid.
+
+    Rows that stand alone give [lead, own tokens, summaries] each, one row after another; stitched crops give
+    their own tokens in the stitched grid's row-major order, then every crop's lead, then every crop's
+    summaries.
+
+    Returns:
+        values: (M, C) in emission order.
+        grid: (rows, side, side) for rows that stand alone, (1, crop rows * side, crop columns * side) stitched.
+        index: (K,) kept positions in the grid, ascending.
+        assign: (N,) slot in ``index`` of every grid position (-1: dropped), or None for pure pruning.
+    """
+    where = [group_position(group, r, row.index, side) for r, row in enumerate(rows)]
+    if group.stitch is None:
+        grid = (len(rows), side, side)
+        values = torch.cat([torch.cat([row.lead, row.values[~row.summary], row.values[row.summary]]) for row in rows])
+    else:
+        grid = (1, group.stitch[0] * side, group.stitch[1] * side)
+        own_at = torch.cat([w[~row.summary] for w, row in zip(where, rows, strict=True)])
+        own = torch.cat([row.values[~row.summary] for row in rows])[own_at.argsort()]
+        values = torch.cat([own, *(row.lead for row in rows), *(row.values[row.summary] for row in rows)])
+    kept = torch.cat(where)  # grid positions of the kept tokens, row after row
+    order = kept.argsort()
+    if all(row.assign is None for row in rows):
+        return values, grid, kept[order], None
+    slot = torch.empty_like(kept)  # slot in the ascending index of every kept token, row after row
+    slot[order] = torch.arange(kept.numel(), device=kept.device)
+    assign = torch.full((math.prod(grid),), -1, dtype=torch.long, device=kept.device)
+    offset, patches = 0, torch.arange(side * side, device=kept.device)
+    for r, row in enumerate(rows):
+        groups = Selection(row.index[None], side * side, None if row.assign is None else row.assign[None]).groups()[0]
+        joined = groups >= 0
+        assign[group_position(group, r, patches, side)[joined]] = slot[offset + groups[joined]]
+        offset += row.index.numel()
+    return values, grid, kept[order], assign
 
 
 # -- attaching ----------------------------------------------------------------------------------------------
@@ -118,15 +219,13 @@ def attach_vision(adapter, model, reducer, mode, state, session, hooks) -> Sessi
 
 @dataclass
 class SpanResult:
-    """One span's outcome: ``values`` (K, C) go to the placeholder ``slots`` (K,) of the span, ascending.
+    """One span's outcome: ``values`` (K, C) of the kept tokens ``index`` (K,), ascending; None: unchanged.
 
-    ``index`` / ``assign`` are the Selection over the span's patches recorded in ``state.selections``; they
-    differ from ``slots`` only where a CLS token takes a free slot. ``values`` None means "unchanged".
+    ``assign`` is the merge over the span's tokens recorded in ``state.selections``.
     """
 
-    slots: Tensor
-    values: Tensor | None
     index: Tensor
+    values: Tensor | None
     assign: Tensor | None = None
 
 
@@ -151,7 +250,7 @@ class VisionSession(Session):
                     f"{reducer.name} layer must be an encoder layer index in [{-n}, {n - 1}] for this vision tower, "
                     f"got {layer}"
                 )
-            self.tap = ScoreTap(tower, layer % n, capture_hidden=self.in_tower)
+            self.tap = ScoreTap(tower, layer % n)
 
     def attach(self, hooks) -> None:
         if self.merging is not None:
@@ -223,20 +322,27 @@ class VisionSession(Session):
                 f"{self.reducer.name}: the vision tower did not reach the score layer {self.tap.score_layer}"
             )
         record = Record(rows=found["scores"].shape[0], strategy=strategy, seconds=found["seconds"])
-        if self.in_tower:
-            record.scores, record.metric, record.hidden = found["scores"], found["metric"], found["hidden"]
-            return record
-        first = 1 if strategy == "default" else 0  # the tokens the model keeps ("default" drops token 0)
-        rows = torch.cat([found["scores"][:, first:, None], found["metric"][:, first:]], dim=-1)
-        record.side = self.adapter.vision_side(self.inner, modality, call, rows)
+        record.scores, record.metric, record.hidden = found["scores"], found["metric"], found["hidden"]
+        record.plans = self.adapter.vision_rows(self.inner, modality, call)
+        if sum(plan.rows for plan in record.plans) != record.rows:
+            raise ValueError(
+                f"{self.reducer.name} (stage 'vision'): the vision tower saw {record.rows} rows, but the {modality} "
+                f"inputs of this call make {sum(plan.rows for plan in record.plans)} crops / frames"
+            )
         return record
 
     # -- in the prefill hook ------------------------------------------------------------------------------
     def prefill(self, kw: dict, cache):
         try:
-            return super().prefill(kw, cache)
+            out = super().prefill(kw, cache)
         finally:
             self.records.clear()  # a record belongs to one prompt
+        if out is None and kw.get("mm_encoder_outputs") == {}:
+            # generate cannot pre-encode through the wrapped feature functions (their signature hides the pixel
+            # arguments, so every beam row is encoded by the forward) and leaves an empty dict next to the
+            # pixels, a pair the model refuses when nothing was reduced
+            return (), {**kw, "mm_encoder_outputs": None}
+        return out
 
     def all_identity(self, spans) -> bool:
         # a merge schedule is not a per-span budget; an identity reducer never gets here (dispatch)
@@ -260,62 +366,104 @@ class VisionSession(Session):
             self.state.stats.seconds += record.seconds
             self.state.extra.update(record.extra)
         if self.merging is not None:
-            choose = self.choose_merged
-        else:
-            self.state.extra["vision_layer"] = self.tap.score_layer
-            choose = self.choose_in_tower if self.in_tower else self.choose_projected
-        return apply_spans(run.spans, features, placed, stays, choose, self.state)
+            return apply_spans(run.spans, features, placed, stays, self.choose_merged, self.state)
+        self.state.extra["vision_layer"] = self.tap.score_layer
+        return self.reduce_rows(run.spans, features, placed, stays)
 
     def choose_merged(self, span, tokens: Tensor) -> SpanResult:
         """The recorded merge of this image: keep one (unmerged, hence exact) token per group."""
         selection = self.records[span.modality].merged
         n = tokens.shape[0]
         if selection is None:
-            return SpanResult(torch.arange(n), None, torch.arange(n))
+            return SpanResult(torch.arange(n), None)
         p = self.tower.prefix
         index = selection.index[span.item, p:] - p
         assign = selection.groups()[span.item, p:] - p
-        return SpanResult(index, tokens[index.to(tokens.device)], index, assign)
+        return SpanResult(index, tokens[index.to(tokens.device)], assign)
 
-    def choose_in_tower(self, span, tokens: Tensor) -> SpanResult:
-        """The reducer on the feature layer's [CLS, patches] hidden states, merged there, then projected (llava)."""
-        record, row, n = self.records[span.modality], span.item, tokens.shape[0]
-        pinned = self.mode.for_patches(n)  # the budget of n patches, whatever the CLS token adds
-        if pinned.num_kept(n) >= n:
-            return SpanResult(torch.arange(n), None, torch.arange(n))
-        cls = self.tower.prefix if self.mode.keep_cls else 0  # CLS tokens among the candidates
-        first = self.tower.prefix - cls
-        hidden, scores, metric = (t[row : row + 1, first:] for t in (record.hidden, record.scores, record.metric))
-        merged, selection = pinned.reduce(hidden, TokenContext(attention=scores, metric=metric, protected=cls))
+    # -- one-layer scoring: every row reduced in the tower, then the item rebuilt ---------------------------
+    def reduce_rows(self, spans, features: dict, placed: dict, stays: Tensor) -> dict | None:
+        """Reduce every item row by row and rebuild its tokens (:class:`ItemRows`); reduced features or None."""
+        edits = ItemEdits(features)
+        items: dict[tuple[str, int], list] = {}
+        for span in spans:
+            items.setdefault((span.modality, span.item), []).append(span)
+        for (modality, item), item_spans in items.items():
+            with Timer(self.state):
+                values = self.reduce_item(self.records[modality], item, item_spans, features[modality][item])
+            if values is not None:
+                edits.replace(modality, item, values)
+        return edits.finish(placed, stays)
+
+    def reduce_item(self, record: Record, item: int, spans: list, feats: Tensor) -> Tensor | None:
+        """The item's new tokens (M, C) in the order the reducer emits them, or None when nothing is reduced."""
+        plan = record.plans[item]
+        if len(plan.groups) != len(spans):
+            raise ValueError(
+                f"{self.reducer.name} (stage 'vision'): {len(plan.groups)} row groups for an item of {len(spans)} "
+                "grids; this checkpoint's layout is not supported yet"
+            )
+        n = sum(span.piece.num_tokens for span in spans)
+        reducer = self.mode.for_rows(n, plan.rows)
+        patches = record.hidden.shape[1] - self.tower.prefix
+        side = math.isqrt(patches)
+        if side * side != patches:
+            raise ValueError(f"{self.reducer.name} (stage 'vision') needs square crops / frames, got {patches} patches")
+        if reducer.num_kept(patches) >= patches:  # nothing to drop in any row: the model's own tokens
+            for span in spans:
+                self.state.record(identity_span(span, "vision"), span.piece.num_tokens, span.piece.num_tokens)
+            return None
+        first = sum(p.rows for p in record.plans[:item])
+        summaries = reducer.in_encoder().summaries
+        rows = [self.reduce_row(record, first + r, reducer, summaries) for r in range(plan.rows)]
+        out, start = [], 0
+        dropped = feats.shape[0] - n - (plan.newline is not None)  # tokens outside the grids that go (newlines)
+        for i, (group, span) in enumerate(zip(plan.groups, spans, strict=True)):
+            values, grid, index, assign = pack_group(group, rows[start : start + group.rows], side)
+            start += group.rows
+            out.append(values)
+            self.state.record(
+                SpanSelection(
+                    sample=span.sample, span=span.index, modality=span.modality, start=int(span.positions[0]),
+                    grid=grid, num_tokens=math.prod(grid), index=index.cpu(),
+                    assign=None if assign is None else assign.cpu(), stage="vision",
+                ),
+                span.piece.num_tokens + (dropped if i == len(spans) - 1 else 0),
+                values.shape[0],
+            )  # fmt: skip
+        if plan.newline is not None:
+            out.append(plan.newline[None].to(out[0]))
+        values = torch.cat(out)
+        if values.shape[0] > feats.shape[0]:
+            raise ValueError(
+                f"{self.reducer.name} keeps {values.shape[0]} tokens of a {spans[0].modality} that has "
+                f"{feats.shape[0]} placeholder tokens ({plan.rows} crops / frames); lower its per-crop budget"
+            )
+        return values
+
+    def reduce_row(self, record: Record, row: int, reducer, summaries) -> RowTokens:
+        """The reducer on one row's feature-layer [CLS, patches] hidden states, merged there, then projected."""
+        p = self.tower.prefix
+        cls = p if self.mode.keep_cls else 0  # CLS tokens among the candidates
+        hidden, scores, metric = (t[row : row + 1, p - cls :] for t in (record.hidden, record.scores, record.metric))
+        ctx = TokenContext(attention=scores, metric=metric, protected=cls)
+        merged, selection = reducer.reduce(hidden, ctx)
         projected = self.inner.multi_modal_projector(merged)[0]  # (K, C): the paper's projector input
+        summary = torch.zeros(selection.num_kept, dtype=torch.bool, device=projected.device)
+        if summaries is not None:
+            summary = summaries(selection, ctx)[0].to(projected.device)
+        lead = projected[:cls]
+        if not cls and p and record.strategy == "full":  # the model's own tokens start with the CLS token
+            lead = self.inner.multi_modal_projector(record.hidden[row : row + 1, :p])[0]
         index = selection.index[0, cls:] - cls
         assign = None if selection.assign is None else selection.assign[0, cls:] - cls
-        if cls == 0 or record.strategy != "default":  # no CLS, or the layout's own CLS token carries it
-            return SpanResult(index, projected[cls:], index, assign)
-        taken = torch.zeros(n, dtype=torch.bool, device=index.device)
-        taken[index] = True
-        free = (~taken).nonzero()[:1, 0]  # the CLS token's slot: the first patch slot left free
-        slots, order = torch.cat([free, index]).sort()
-        return SpanResult(slots, projected[order.to(projected.device)], index, assign)
-
-    def choose_projected(self, span, tokens: Tensor) -> SpanResult:
-        """The reducer on the projected span tokens with the tower's scores carried to them (anyres, video)."""
-        side = self.records[span.modality].side[span.item][span.piece.offsets.to(tokens.device)]
-        ctx = TokenContext(
-            grid=span.piece.grid, span=span.index, attention=side[None, :, 0], metric=side[None, :, 1:].float()
-        )
-        values, selection = self.reducer.reduce(tokens[None], ctx)
-        index = selection.index[0]
-        if selection.is_identity:
-            return SpanResult(index, None, index)
-        return SpanResult(index, values[0], index, None if selection.assign is None else selection.assign[0])
+        return RowTokens(lead, index, projected[cls:], summary[cls:], assign)
 
 
 def apply_spans(spans, features: dict, placed: dict, stays: Tensor, choose, state) -> dict | None:
     """Apply ``choose(span, tokens) -> SpanResult`` to every span; reduced per-item features, or None.
 
-    ``stays`` (B, N) is updated in place. Like ``base.reduce_features``, except that the values and the slots
-    come from the chooser (a CLS token may take a slot that no patch keeps).
+    ``stays`` (B, N) is updated in place. Like ``session.reduce_features``, with the values from the chooser.
     """
     edits = ItemEdits(features)
     for span in spans:
@@ -331,9 +479,9 @@ def apply_spans(spans, features: dict, placed: dict, stays: Tensor, choose, stat
                 assign=None if result.assign is None else result.assign.detach().cpu(), stage="vision",
             ),
             n,
-            result.slots.numel(),
+            result.index.numel(),
         )  # fmt: skip
         if result.values is None:
             continue
-        edits.write(span, offsets, result.slots.to(feats.device), result.values)
+        edits.write(span, offsets, result.index.to(feats.device), result.values)
     return edits.finish(placed, stays)

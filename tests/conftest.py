@@ -162,6 +162,21 @@ def llava():
     return build("llava")
 
 
+@pytest.fixture(scope="session")
+def llava_models():
+    """Lazily built tiny LLaVA-family models, one per (model_type, attention); the same seed gives every
+    attention implementation the same weights."""
+    torch.set_num_threads(1)
+    cache: dict = {}
+
+    def get(model_type: str, attn: str = "sdpa"):
+        if (model_type, attn) not in cache:
+            cache[model_type, attn] = build(model_type, attn=attn)
+        return cache[model_type, attn]
+
+    return get
+
+
 def anyres_inputs(model, seed=0, size=(28, 50), frames=4):
     """One sample with an anyres image (and a video for the video-capable families), placeholders expanded."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches

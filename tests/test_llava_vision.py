@@ -13,17 +13,9 @@ FAMILIES = ["llava", "llava_next", "llava_onevision", "llava_next_video"]
 GREEDY = {"do_sample": False, "suppress_tokens": [IMAGE_TOKEN, VIDEO_TOKEN]}
 
 
-@pytest.fixture(scope="module")
-def models():
-    torch.set_num_threads(1)
-    cache = {}
-
-    def get(model_type, attn="sdpa"):
-        if (model_type, attn) not in cache:
-            cache[model_type, attn] = build(model_type, attn=attn)
-        return cache[model_type, attn]
-
-    return get
+@pytest.fixture
+def models(llava_models):
+    return llava_models
 
 
 def inputs_for(model, seed=1):
@@ -81,25 +73,27 @@ def test_scores_equal_eager_attention(models, model_type):
         )
 
 
-def test_anyres_scores_reach_their_tokens(models):
-    """llava_next: the base view's tokens carry crop 0's CLS attention; high-res tokens carry their crop patch's."""
+def test_anyres_rows_are_the_crops_in_the_tower(models):
+    """llava_next: one recorded row per crop (feature-layer states incl. CLS, scores from the CLS row), and the
+    image's rows are its base view alone, then its 1 x 2 crops stitched."""
     model = models("llava_next", attn="eager")
     inputs = anyres_inputs(model, seed=2)
     with torch.no_grad():
         crops = inputs["pixel_values"][0]
-        eager = model.model.vision_tower(crops, output_attentions=True).attentions[1][:, :, 0, 1:].sum(1)  # (R, 16)
+        out = model.model.vision_tower(crops, output_hidden_states=True, output_attentions=True)
         with tokreduce.VisionZip(keep=0.5)(model):
             model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
-            side = session_of(model).records["image"].side[0][:, 0]
-    torch.testing.assert_close(side[:16], eager[0], atol=1e-5, rtol=1e-5)
-    layout = tokreduce.adapters.get_adapter(model).layouts(model.model, inputs)["image"][0]
-    high = side[layout.pieces[1].offsets]
-    assert torch.isclose(high[:, None], eager[1:].flatten()[None], atol=1e-5).any(1).all()
+            record = session_of(model).records["image"]
+    torch.testing.assert_close(record.hidden, out.hidden_states[-2])
+    torch.testing.assert_close(record.scores[:, 1:], out.attentions[1][:, :, 0, 1:].sum(1), atol=1e-5, rtol=1e-5)
+    (plan,) = record.plans
+    assert [(g.rows, g.stitch) for g in plan.groups] == [(1, None), (2, (1, 2))] and plan.newline is None
 
 
 # -- VisionZip on llava: the paper's path, against a hand-built reference -----------------------------------
 def test_visionzip_llava_matches_hand_built_reference(models):
-    """Eager tower -> VisionZip by hand (CLS + dominant - 1 patches, contextual merge) -> projector -> LLM."""
+    """Eager tower -> VisionZip by hand ([CLS, dominant - 1 patches, contextual]) -> projector -> the first slots
+    of each image's placeholder run -> the language model's logits."""
     model, eager = models("llava"), models("llava", attn="eager")
     inputs = single(llava_inputs((2,), seed=3), 0, [2])
     dominant, contextual = 5, 2
@@ -115,31 +109,22 @@ def test_visionzip_llava_matches_hand_built_reference(models):
         ids = inputs["input_ids"][0]
         keep = torch.ones_like(ids, dtype=torch.bool)
         starts = (ids == IMAGE_TOKEN).nonzero().squeeze(-1).view(2, 16)[:, 0]
-        reduced = []
-        for j in range(2):  # representative patch of every output token, as the paper orders them
-            dom = cls_attention[j].topk(dominant - 1).indices.sort().values
-            rest = torch.tensor([i for i in range(16) if i not in dom.tolist()])
-            targets = rest[torch.arange(0, len(rest), len(rest) // contextual)[:contextual]]
-            reps = torch.cat([dom, targets])
-            free = min(set(range(16)) - set(reps.tolist()))  # the CLS token's placeholder slot
-            slots, order = torch.cat([torch.tensor([free]), reps]).sort()
-            reduced.append(projected[j][order])
-            drop = torch.ones(16, dtype=torch.bool)
-            drop[slots] = False
-            keep[starts[j] + torch.arange(16)[drop]] = False
+        for start in starts:  # the reference's tokens fill the first slots of the run, in order
+            keep[start + dominant + contextual : start + 16] = False
         ref = model(
             input_ids=ids[keep][None],
             attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
             position_ids=torch.arange(len(ids))[keep][None],
-            mm_encoder_outputs={"image": encoder_output(reduced)},
+            mm_encoder_outputs={"image": encoder_output(list(projected))},
         ).logits
         with tokreduce.VisionZip(dominant=dominant, contextual=contextual)(model) as state:
             got = model(**inputs).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert state.stats.tokens_out == [2 * (dominant + contextual)]  # the CLS token counts
-    for s in state.selections[0]:
+    for j, s in enumerate(state.selections[0]):
         assert s.stage == "vision" and s.grid == (1, 4, 4) and len(s.index) == dominant + contextual - 1
         assert (s.assign >= 0).all() and torch.equal(s.assign[s.index], torch.arange(len(s.index)))
+        assert set(cls_attention[j].topk(dominant - 1).indices.tolist()) <= set(s.index.tolist())
 
 
 def test_visionzip_llava_keep_cls_false_keeps_dominant_patches(models):
@@ -241,9 +226,10 @@ def test_cached_decode_matches_recomputation(models, model_type, name):
 
 @pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision", "llava_next_video"])
 def test_visionzip_on_anyres_and_video_families(models, model_type):
-    """Every grid reduced to its budget, newline tokens kept, forward and generate() paths agree."""
+    """Every crop / frame reduced in the tower to its share of the item's budget; forward and generate() agree."""
     model = models(model_type)
     inputs = anyres_inputs(model, seed=1)
+    layouts = tokreduce.adapters.get_adapter(model).layouts(model.model, inputs)
     with torch.no_grad():
         ref = model(**inputs).logits
         with tokreduce.VisionZip(keep=0.5)(model) as state:
@@ -254,10 +240,18 @@ def test_visionzip_on_anyres_and_video_families(models, model_type):
     assert forward == generated
     spans = state.selections[0]
     assert {s.modality for s in spans} == ({"image"} if model_type == "llava_next" else {"image", "video"})
+    cls = 0 if model_type == "llava_onevision" else 1  # a kept CLS token is not among the listed patches
+    for modality, rows in (("image", 3), ("video", 4)):  # 1 base view + 1 x 2 crops; 4 frames
+        if modality not in layouts:
+            continue
+        n = sum(p.num_tokens for p in layouts[modality][0].pieces)
+        per_row = tokreduce.functional.budget(n, 0.5) // rows
+        mine = [s for s in spans if s.modality == modality]
+        assert sum(len(s.index) for s in mine) == rows * (per_row - cls)
     for s in spans:
-        assert s.stage == "vision" and len(s.index) == tokreduce.functional.budget(s.num_tokens, 0.5)
-        assert s.assign is not None and (s.assign >= 0).all()
-    assert out.shape[1] == ref.shape[1] - sum(s.num_tokens - len(s.index) for s in spans)
+        assert s.stage == "vision" and s.grid[1:] in ((4, 4), (4, 8))  # the tower's grids, not the layout's
+        assert s.assign is None or (s.assign >= 0).all()  # 2 tokens a frame are both dominant: no merge
+    assert out.shape[1] == ref.shape[1] - (sum(state.stats.tokens_in) - sum(state.stats.tokens_out))
 
 
 @pytest.mark.parametrize(
@@ -343,7 +337,19 @@ def test_budget_edge_cases(models):
     inputs = anyres_inputs(onevision, seed=8)
     with torch.no_grad(), tokreduce.VisionZip(keep=1)(onevision) as state:
         onevision(**inputs)
-    assert all(len(s.index) == 1 for s in state.selections[0])
+    assert [len(s.index) for s in state.selections[0]] == [1, 2, 4]  # one per crop / frame, at least
+
+
+@pytest.mark.parametrize("model_type", ["llava", "llava_onevision"])
+def test_generate_when_every_span_stays_whole(models, model_type):
+    """keep=0.99 leaves every 16-token grid whole: generate() must run unchanged (the pixels reach the forward)."""
+    model = models(model_type)
+    inputs = inputs_for(model, seed=10)
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=3, **GREEDY)
+        with tokreduce.VisionZip(keep=0.99)(model) as state:
+            out = model.generate(**inputs, max_new_tokens=3, **GREEDY)
+    assert torch.equal(out, ref) and state.stats.tokens_out == state.stats.tokens_in
 
 
 @pytest.mark.parametrize("name", REDUCERS)

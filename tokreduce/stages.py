@@ -7,7 +7,8 @@ Adapters never ask which method they run; they read these declarations from the 
   needs from the layers before (attention rows of the last queries, key and text states) and, optionally,
   a new choice at every decode step;
 - :meth:`Reducer.in_encoder` -> :class:`BlockMerge` (merge a few tokens in every encoder block) or
-  :class:`LayerScore` (score the tokens with one encoder layer's attention, then select);
+  :class:`LayerScore` (score the tokens with one encoder layer's attention, then select, per crop / frame, in
+  the order the method emits them);
 - :meth:`Reducer.in_decode` -> :class:`DecodePolicy`: a decode-time KV-cache policy with its own select.
 
 A method that acts at two stages (DyCoke: pre-LLM merge, then a decode-time cache policy) declares both in
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .context import TokenContext
 from .selection import Selection
 
 
@@ -125,14 +127,24 @@ class LayerScore:
     received, summed over queries and averaged over heads; float32 softmax) as ``TokenContext.attention`` and
     the keys averaged over heads as ``TokenContext.metric``, then calls the reducer's ``reduce``.
 
+    Where the encoder sees an image or video as several rows (anyres crops, video frames), each row is reduced on
+    its own with ``for_rows(n, rows)``, before the projector. The kept tokens of a row reach the language model
+    in this order: the protected tokens (a CLS token), the kept tokens that stand for themselves (index order),
+    then the ``summaries`` (index order). Crops of one picture put their own tokens at their place in the
+    stitched crop grid (read row by row), then every crop's CLS token, then every crop's summaries.
+
     Attributes:
         layer: encoder layer index (negative counts from the end), or None.
         keep_cls: a CLS token competes with the patches (and is protected among the kept ones) instead of
             being dropped by the model's feature selection.
-        for_patches: ``n -> reducer`` with the budget of ``n`` patch tokens pinned, for adapters that hand it
-            the CLS token as well (so the budget is not computed over n + 1 tokens).
+        for_rows: ``(n, rows) -> reducer`` for each of ``rows`` encoder rows that together stand for ``n`` of the
+            item's tokens, with its per-row budget pinned (so that a CLS token, which the adapter hands over
+            with the patches, does not enter the budget). The returned reducer declares its own ``LayerScore``.
+        summaries: ``(selection, ctx) -> (B, K) bool``, the kept tokens that summarise others (merged tokens) and
+            go after the rest; None: every kept token stands for itself.
     """
 
     layer: int | None
     keep_cls: bool
-    for_patches: Callable[[int], object]
+    for_rows: Callable[[int, int], object]
+    summaries: Callable[[Selection, TokenContext], Tensor] | None = None

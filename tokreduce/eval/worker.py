@@ -216,10 +216,14 @@ class _Worker:
         new = out[:, ids.shape[1] :].cpu()
         texts = self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
         seq_len = inputs["attention_mask"].sum(1).tolist() if "attention_mask" in inputs else [ids.shape[1]] * b
+        # every row counts the same visual tokens in (those a method may remove: the baseline's, all kept);
+        # out is what reached the language model, and the FLOPs follow the sequence the reducer really left
+        # (a vision-stage reducer may also drop tokens outside the grids, e.g. anyres newlines)
+        tokens_in = reducible_tokens(self.model, inputs)
+        tokens_out, lost = list(tokens_in), [0] * b
         if stats is not None and len(stats.tokens_in) == b:
-            tokens_in, tokens_out = stats.tokens_in, stats.tokens_out
-        else:  # the baseline: the tokens a method would have counted, all kept
-            tokens_in = tokens_out = reducible_tokens(self.model, inputs)
+            tokens_out = stats.tokens_out
+            lost = [i - o for i, o in zip(stats.tokens_in, stats.tokens_out, strict=True)]
         select_s = stats.seconds / b if stats is not None else 0.0
         layer = reduction_layer(reducer)
         peak = peak_memory_mb(self.device)
@@ -240,9 +244,7 @@ class _Worker:
                 decode_tok_s=decode_rate,
                 gen_tokens=self._generated(new[i]),
                 select_s=select_s,
-                prefill_flops=sample_prefill_flops(
-                    self.shape, int(seq_len[i]), int(tokens_in[i]), int(tokens_out[i]), layer
-                ),
+                prefill_flops=sample_prefill_flops(self.shape, int(seq_len[i]), int(lost[i]), 0, layer),  # lost -> none
                 peak_mem_mb=peak,
                 batch_size=b,
             )

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..base import Reducer, check_range, top_k_sorted
 from ..context import TokenContext
 from ..registry import register_reducer
-from ..selection import Selection, keeps_all
+from ..selection import Selection, budget, keeps_all
 from ..similarity import cosine_max
 from ..stages import LayerScore
 
@@ -21,6 +21,17 @@ def split_budget(k: int) -> tuple[int, int]:
     """(dominant, contextual) for a total of k tokens, in the paper's LLaVA proportion 54:10 (= 27:5)."""
     dominant = min(k, round(k * 27 / 32))
     return dominant, k - dominant
+
+
+def dominant_index(attention: Tensor, dominant: int, protected: int = 0) -> Tensor:
+    """(B, Kd) ascending: the ``dominant`` tokens receiving the most attention; protected leading tokens first.
+
+    Kd = dominant clamped to [min(protected, N), N]; ties go to the lower index.
+    """
+    n = attention.shape[1]
+    dominant = max(min(dominant, n), min(protected, n))
+    protect = torch.arange(n, device=attention.device) < protected
+    return top_k_sorted(attention.float().masked_fill(protect, float("inf")), dominant)
 
 
 def visionzip_select(
@@ -36,11 +47,10 @@ def visionzip_select(
         protected: leading tokens that are always dominant (a CLS token).
     """
     b, n = attention.shape
-    dominant = max(min(dominant, n), min(protected, n))
+    dom = dominant_index(attention, dominant, protected)  # (B, Kd)
+    dominant = dom.shape[1]
     contextual = max(0, min(contextual, n - dominant))
     device = attention.device
-    scores = attention.float().masked_fill(torch.arange(n, device=device) < protected, float("inf"))
-    dom = top_k_sorted(scores, dominant)  # (B, Kd)
     rest_mask = torch.ones(b, n, dtype=torch.bool, device=device)
     rest_mask.scatter_(1, dom, False)
     rest = rest_mask.nonzero()[:, 1].view(b, n - dominant)  # remaining patches, original order
@@ -59,6 +69,12 @@ def visionzip_select(
     assign.scatter_(1, index, torch.arange(index.shape[1], device=device).expand(b, -1).contiguous())
     assign.scatter_(1, joiners, assign.gather(1, targets.gather(1, best)))
     return Selection(index=index, num_tokens=n, assign=assign)
+
+
+def contextual_mask(selection: Selection, attention: Tensor, dominant: int, protected: int = 0) -> Tensor:
+    """(B, K) bool: which kept tokens of a :func:`visionzip_select` selection are contextual (not dominant)."""
+    dom = dominant_index(attention, dominant, protected)
+    return ~(selection.index[..., None] == dom[:, None, :].to(selection.index.device)).any(-1)
 
 
 def _contextual_values(hidden: Tensor, selection: Selection) -> Tensor:
@@ -96,12 +112,7 @@ def visionzip(hidden: Tensor, attention: Tensor, metric: Tensor, dominant: int, 
     """
     selection = visionzip_select(attention, metric, dominant, contextual)
     values = _contextual_values(hidden, selection)
-    b, n = attention.shape
-    dominant = min(dominant, n)
-    is_dom = torch.zeros(b, n, dtype=torch.bool, device=hidden.device)
-    is_dom.scatter_(1, top_k_sorted(attention.float(), dominant), True)
-    dom_slot = is_dom.gather(1, selection.index)  # (B, K) which outputs are dominant
-    order = torch.sort((~dom_slot).long(), dim=-1, stable=True).indices
+    order = contextual_mask(selection, attention, dominant).long().sort(dim=-1, stable=True).indices
     return values.gather(1, order[..., None].expand(-1, -1, values.shape[-1]))
 
 
@@ -111,20 +122,27 @@ class VisionZipReducer(Reducer):
     """VisionZip: keep the most-attended (dominant) tokens and merge the rest into a few contextual tokens.
 
     In a VLM it acts inside the vision encoder at the layer whose output the model uses, scoring with that
-    layer's attention (CLS row for CLIP, attention received for encoders without CLS) and its keys. Output
-    tokens are placed in ascending order of their representative index (so positions stay monotone);
-    ``tokreduce.functional.visionzip`` returns the paper's [dominant, contextual] order instead.
+    layer's attention (CLS row for CLIP, attention received for encoders without CLS) and its keys, on every
+    crop / frame the encoder sees, before the projector. As in the authors' code, the language model receives
+    per image [CLS, dominant, contextual] (LLaVA-1.5), and for anyres images the base view's tokens, then
+    the dominant tokens of every crop in the stitched crop grid, then the crops' CLS tokens, then their
+    contextual tokens (no newline tokens); video frames each give [dominant, contextual]. ``state.selections``
+    records the kept patches in index order. Qwen-VL keeps each kept token at its own M-RoPE position, in
+    index order (the authors' code has no Qwen-VL path).
 
     Based on VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary", arXiv 2412.04467).
 
     Args:
-        keep: tokens kept per span when ``dominant`` / ``contextual`` are not given, split 54:10.
-        dominant: dominant tokens (default None: from keep). LLaVA-1.5 paper settings: 54, 108, 162.
-        contextual: contextual tokens (default None: from keep). LLaVA-1.5 paper settings: 10, 20, 30.
+        keep: tokens kept per image / video when ``dominant`` / ``contextual`` are not given, split evenly over
+            its crops / frames (at least one each) and 54:10 within each.
+        dominant: dominant tokens per crop / frame, as the reference's knob (default None: from keep).
+            LLaVA-1.5 paper settings: 54, 108, 162.
+        contextual: contextual tokens per crop / frame (default None: from keep). LLaVA-1.5 paper settings:
+            10, 20, 30.
         layer: encoder block whose attention and keys choose the tokens, negative counts from the end
             (default None: the layer whose output the model uses; for a plain ViT the penultimate block).
-        keep_cls: in a CLIP tower with a CLS token (LLaVA-1.5), the CLS token is one of the dominant
-            tokens, as in the LLaVA reference (default True); False keeps ``dominant`` patches instead.
+        keep_cls: in a CLIP tower with a CLS token (LLaVA-1.5, LLaVA-NeXT), the CLS token of every crop is one
+            of its dominant tokens, as in the LLaVA reference (default True); False keeps ``dominant`` patches.
             A plain ViT always keeps its CLS token (its head reads it).
     """
 
@@ -160,16 +178,30 @@ class VisionZipReducer(Reducer):
         return sum(self.split(n))
 
     def in_encoder(self) -> LayerScore:
-        """Scored by one encoder layer's attention (CLS row or attention received) and keys."""
-        return LayerScore(layer=self.layer, keep_cls=self.keep_cls, for_patches=self.for_patches)
+        """Scored by one encoder layer's attention (CLS row or attention received) and keys; contextual last."""
+        return LayerScore(
+            layer=self.layer, keep_cls=self.keep_cls, for_rows=self.for_rows, summaries=self.contextual_tokens
+        )
 
     def is_identity(self) -> bool:
         return self.dominant is None and keeps_all(self.keep)
 
-    def for_patches(self, n: int) -> VisionZipReducer:
-        """This reducer with the split of ``n`` patches pinned (for inputs that carry a CLS token as well)."""
-        dominant, contextual = self.split(n)
+    def for_rows(self, n: int, rows: int = 1) -> VisionZipReducer:
+        """This reducer for each of ``rows`` crops / frames standing for ``n`` tokens, its split pinned.
+
+        ``dominant`` / ``contextual`` given: those, per row (the reference's knobs are per crop). Otherwise
+        ``keep`` of the n tokens, split evenly over the rows (at least one each), 54:10 within a row. Pinning
+        keeps a CLS token handed over with the patches out of the budget.
+        """
+        if self.dominant is not None:
+            return self
+        dominant, contextual = split_budget(max(1, budget(n, self.keep) // rows))
         return dataclasses.replace(self, keep=1.0, dominant=dominant, contextual=contextual)
+
+    def contextual_tokens(self, selection: Selection, ctx: TokenContext) -> Tensor:
+        """(B, K) bool: the kept tokens that are contextual tokens (emitted after the dominant ones)."""
+        dominant, _ = self.split(selection.num_tokens)
+        return contextual_mask(selection, ctx.require("attention", self.name), dominant, ctx.protected)
 
     def _select(self, tokens: Tensor, k: int, ctx: TokenContext) -> Selection:
         attention = ctx.require("attention", self.name)
