@@ -94,7 +94,8 @@ def reference_patch_type(before, grid, after):
 
 # -- merge steps on given states over several layers -----------------------------------------------------------
 def video_states(grid, g, repeat):
-    """(t*h*w, C) tokens whose spatial positions repeat over frames with noise growing from ``repeat``."""
+    """(t*h*w, C) tokens: each spatial position repeats one token over the frames, plus noise of random size up to
+    ``repeat``."""
     t, h, w = grid
     base = torch.randn(h * w, 16, generator=g)
     noise = torch.randn(t, h * w, 16, generator=g) * torch.rand(t, h * w, 1, generator=g) * repeat
@@ -434,3 +435,15 @@ def test_family_default_queries_knob_checks_and_refusals(onevision, qwen2_vl):
         tokreduce.FrameFusion(keep=0.5, queries=0)
     with pytest.raises(ValueError, match="deepstack"), tokreduce.FrameFusion(keep=0.5)(build_qwen("qwen3_vl")):
         pass
+
+
+def test_merging_still_running_at_the_last_layer_is_pruned_there(qwen2_vl):
+    """tokreduce's clamp where the reference would merge at the last layer and never prune: the last layer's point
+    prunes to the budget with its own attention, so exactly k tokens stay."""
+    model, _ = qwen2_vl
+    inputs, _, _ = qwen_video(2, 2.0)
+    with torch.no_grad(), tokreduce.FrameFusion(keep=4)(model) as state:
+        model(**inputs)
+    (left,) = state.extra["merge_steps"][0]
+    assert len(left) == len(model.model.language_model.layers) + 1  # a point at layer 0's input and after each layer
+    assert left[-2] > 4 and left[-1] == 4 and len(state.selections[0][0].index) == 4
