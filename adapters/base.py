@@ -30,6 +30,9 @@ class VLMAdapter:
     """
 
     model_types: tuple[str, ...] = ()
+    # Prompt tokens whose attention row scores in-LLM pruning when a reducer leaves the number to the family
+    # (``queries=None`` in its declaration): the last token for LLaVA-family language models.
+    default_queries: int = 1
 
     # -- where things are ---------------------------------------------------------------------------------
     def inner(self, model):

@@ -7,7 +7,12 @@ anywhere in the adapters, knows a method by name.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from tokreduce.stages import LayerMerge
+
 from .decode import DecodePruning
+from .layer_merge import LayerMerging
 from .llm import LayerPruning
 from .session import Hooks
 
@@ -45,8 +50,15 @@ def attach(adapter, model, reducer, state, handles: list) -> None:
         plan = reducer.in_llm()
         if plan is None:
             raise ValueError(f"{reducer.name} declares stage 'llm' but no decoder layer to prune at (in_llm)")
-        adapter.check_layer(model, plan.layer, reducer)
-        LayerPruning(session, lm, plan).attach(hooks)
+        if plan.queries is None:  # the reducer leaves the number of scoring queries to the model family
+            plan = replace(plan, queries=adapter.default_queries)
+        if isinstance(plan, LayerMerge):
+            if not reducer.is_identity():
+                adapter.check_layer(model, 0, reducer)
+            LayerMerging(session, lm, plan).attach(hooks)
+        else:
+            adapter.check_layer(model, plan.layer, reducer)
+            LayerPruning(session, lm, plan).attach(hooks)
     policy = reducer.in_decode()
     if policy is not None:
         DecodePruning(session, lm, policy).attach(hooks)

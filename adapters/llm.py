@@ -95,6 +95,69 @@ def causal_mask(lm, hidden: Tensor, mask2d: Tensor, cache, positions: Tensor, la
     return compat.causal_mask(lm.config, hidden, mask2d, cache, positions, layer_idx if cache is not None else None)
 
 
+def shortened_kwargs(
+    lm, run, kwargs: dict, hidden: Tensor, index: Tensor, valid: Tensor, policy: str, layer_idx: int
+) -> tuple[dict, Track]:
+    """What decoder layers run with on a shortened prompt, and its Track for the decode steps.
+
+    Args:
+        kwargs: the keyword arguments of a decoder layer that ran on the whole prompt (positions, rotary embeddings).
+        hidden: (B, L, C) the shortened hidden states.
+        index, valid: (B, L) the left-padded gather from the whole prompt that made them (:func:`left_pad_index`).
+        policy: "original" (kept tokens keep their positions and rotary embeddings) or "compact".
+        layer_idx: the first layer that runs on them (its cache layer is still empty).
+    """
+    b, n = run.base_mask.shape
+    mask2d = (gather_seq(run.base_mask, index) * valid).to(run.base_mask.dtype)
+    layer_pos = kwargs.get("position_ids")
+    # M-RoPE adapters record the (3, B, N) positions the rotary embedding takes; the layers' own
+    # position_ids are then text positions (or None) that only masks / flash attention read.
+    rope = run.rope_positions
+    positions = rope if rope is not None else layer_pos
+    positions = torch.arange(n, device=hidden.device).expand(b, n) if positions is None else positions
+    kept_pos = gather_last(positions.expand(*positions.shape[:-2], b, n), index).masked_fill(~valid, 0)
+    cos, sin = kwargs["position_embeddings"]
+    if policy == "original":
+        new_pos, cos, sin = kept_pos, gather_seq(cos, index), gather_seq(sin, index)
+    else:
+        new_pos = compact_positions(kept_pos, mask2d)
+        cos, sin = lm.rotary_emb(hidden, new_pos)
+    step_pos = new_pos
+    if rope is not None:
+        step_pos = None if layer_pos is None else gather_last(layer_pos.expand(b, n), index).masked_fill(~valid, 0)
+        if step_pos is not None and policy != "original":
+            step_pos = compact_positions(step_pos, mask2d)
+    cache = compat.cache_of(kwargs)
+    track = Track(mask=mask2d, shift=(positions[..., -1] + 1) - (new_pos[..., -1] + 1))
+    layer_kwargs = {
+        "attention_mask": causal_mask(lm, hidden, mask2d, cache, step_pos, layer_idx),
+        "position_embeddings": (cos, sin),
+        "position_ids": step_pos,
+    }
+    return layer_kwargs, track
+
+
+def decode_step_kwargs(lm, run, track: Track, kwargs: dict, hidden: Tensor, layer_idx: int) -> dict:
+    """A decode step of the layers whose cache holds ``track``'s sequence (cache layer ``layer_idx``): the mask over
+    that cache, and the step's positions shifted by the track's policy."""
+    positions = run.step_positions
+    if positions is None:
+        positions = kwargs["position_ids"]
+    new_pos = positions - track.shift[..., None]
+    cos, sin = kwargs["position_embeddings"]
+    # the shift of the positions the model computed cos / sin from (layer 0's sequence)
+    model_shift = run.seq.shift if run.seq is not None else torch.zeros_like(track.shift)
+    if track.shift.shape != model_shift.shape or not bool((track.shift == model_shift).all()):
+        cos, sin = lm.rotary_emb(hidden, new_pos)
+    cache = compat.cache_of(kwargs)
+    step_pos = new_pos if run.rope_positions is None else kwargs.get("position_ids")
+    return {
+        "attention_mask": causal_mask(lm, hidden, track.mask, cache, step_pos, layer_idx),
+        "position_embeddings": (cos, sin),
+        "position_ids": step_pos,
+    }
+
+
 class LayerPruning:
     """Prune visual tokens from decoder layer K on, as the reducer's :class:`LayerPrune` asks (module docstring)."""
 
@@ -250,53 +313,16 @@ class LayerPruning:
             return args, {**kwargs, **run.cut.layer_kwargs}
         index, valid = left_pad_index(stays)
         new_hidden = gather_seq(out, index)
-        mask2d = (gather_seq(run.base_mask, index) * valid).to(run.base_mask.dtype)
-        layer_pos = kwargs.get("position_ids")
-        # M-RoPE adapters record the (3, B, N) positions the rotary embedding takes; the layers' own
-        # position_ids are then text positions (or None) that only masks / flash attention read.
-        rope = run.rope_positions
-        positions = rope if rope is not None else layer_pos
-        positions = torch.arange(n, device=hidden.device).expand(b, n) if positions is None else positions
-        kept_pos = gather_last(positions.expand(*positions.shape[:-2], b, n), index).masked_fill(~valid, 0)
-        cos, sin = kwargs["position_embeddings"]
-        if self.reducer.positions == "original":
-            new_pos, cos, sin = kept_pos, gather_seq(cos, index), gather_seq(sin, index)
-        else:
-            new_pos = compact_positions(kept_pos, mask2d)
-            cos, sin = self.lm.rotary_emb(new_hidden, new_pos)
-        step_pos = new_pos
-        if rope is not None:
-            step_pos = None if layer_pos is None else gather_last(layer_pos.expand(b, n), index).masked_fill(~valid, 0)
-            if step_pos is not None and self.reducer.positions != "original":
-                step_pos = compact_positions(step_pos, mask2d)
-        cache = compat.cache_of(kwargs)
-        run.deep = Track(mask=mask2d, shift=(positions[..., -1] + 1) - (new_pos[..., -1] + 1))
-        layer_kwargs = {
-            "attention_mask": causal_mask(self.lm, new_hidden, mask2d, cache, step_pos, self.k),
-            "position_embeddings": (cos, sin),
-            "position_ids": step_pos,
-        }
+        layer_kwargs, run.deep = shortened_kwargs(
+            self.lm, run, kwargs, new_hidden, index, valid, reducer.positions, self.k
+        )
         run.cut = LayerCut(layer_kwargs=layer_kwargs, index=index, valid=valid)
         return with_hidden(args, {**kwargs, **layer_kwargs}, new_hidden)
 
     def decode_kwargs(self, run, args, kwargs, hidden: Tensor):
         """A decode step: layers >= K attend over their own shorter cache with the reduced mask."""
-        positions = run.step_positions
-        if positions is None:
-            positions = kwargs["position_ids"]
-        new_pos = positions - run.deep.shift[..., None]
-        cos, sin = kwargs["position_embeddings"]
-        if not bool((run.deep.shift == 0).all()):
-            cos, sin = self.lm.rotary_emb(hidden, new_pos)
-        cache = compat.cache_of(kwargs)
-        step_pos = new_pos if run.rope_positions is None else kwargs.get("position_ids")
-        layer_kwargs = {
-            "attention_mask": causal_mask(self.lm, hidden, run.deep.mask, cache, step_pos, self.k),
-            "position_embeddings": (cos, sin),
-            "position_ids": step_pos,
-        }
-        run.cut.layer_kwargs = layer_kwargs
-        return args, {**kwargs, **layer_kwargs}
+        run.cut.layer_kwargs = decode_step_kwargs(self.lm, run, run.deep, kwargs, hidden, self.k)
+        return args, {**kwargs, **run.cut.layer_kwargs}
 
     def reselect(self, run, args, kwargs, hidden: Tensor):
         """A decode step: choose again per span from this step's attention row; mask the rest in layers >= K."""

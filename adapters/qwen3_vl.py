@@ -7,8 +7,8 @@
 - Deepstack: the ViT also emits features of a few intermediate blocks, added to the hidden states of the
   visual tokens after decoder layers 0 .. D-1. Before the LLM they are reduced with exactly the selection of
   the main features (gathered for pruning, size-weighted means for merges): the adapter appends them as
-  extra channels that follow the selection but are not selected on. In-LLM pruning at a layer K < D would
-  meet deepstack additions over the unpruned visual tokens and is refused.
+  extra channels that follow the selection but are not selected on. In-LLM pruning at a layer K < D (or merging
+  from layer 0 on) would meet deepstack additions over the unreduced visual tokens and is refused.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
         depth = len(model.config.vision_config.deepstack_visual_indexes)
         if layer < depth:
             raise ValueError(
-                f"{reducer.name}: layer={layer} is below Qwen3-VL's deepstack depth ({depth}: visual features are added "
-                f"after decoder layers 0..{depth - 1}, over all visual tokens); use layer >= {depth}, or a pre_llm "
-                "method, which reduces the deepstack features with the same selection"
+                f"{reducer.name}: reducing from decoder layer {layer} is below Qwen3-VL's deepstack depth ({depth}: "
+                f"visual features are added after decoder layers 0..{depth - 1}, over all visual tokens); prune at a "
+                f"layer >= {depth}, or use a pre_llm method, which reduces the deepstack features with the same selection"
             )

@@ -107,6 +107,8 @@ def received_attention(block, hidden: Tensor, cu_seqlens: Tensor, rotary, chunk:
 class QwenVLAdapter(VLMAdapter):
     """Base of the Qwen-VL adapters; subclasses set ``model_types`` (and Qwen3-VL its deepstack handling)."""
 
+    default_queries = 4  # the last four prompt tokens score in-LLM pruning when a reducer leaves it to the family
+
     def vision_inputs(self) -> tuple[str, ...]:
         # the grid sizes count as vision inputs: they are dropped with the pixels once features are passed
         return ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")

@@ -364,9 +364,8 @@ class Session:
         b, q = x.shape[0], x.shape[1]
         cols = new_mask_columns(kw, b, q, run.base_mask)
         pos = decode_positions(run, kw, q, x.device)
-        for track in (run.seq, run.deep):
-            if track is not None:
-                track.mask = torch.cat([track.mask, cols.to(track.mask.dtype)], dim=1)
+        for track in run.tracks():
+            track.mask = torch.cat([track.mask, cols.to(track.mask.dtype)], dim=1)
         run.step_positions = pos
         run.decoding = True
         layer0 = (

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from tokreduce.selection import Selection
+
 from .layout import Span
 
 
@@ -62,6 +64,9 @@ class Run:
         step_positions: (..., B, q) original-numbering positions of the current decode step.
         mask0: (B, S) the 2-D mask of the layers below any pruning during decode.
         decode: the decode-time cache policy's own memory (None until its first step).
+        merge: a merge running layer by layer in the language model (None for other reducers).
+        layer_tracks: per decoder layer, the Track of the sequence its KV cache holds, when the layers hold
+            different sequences (a merge running layer by layer); empty otherwise.
     """
 
     cache: object
@@ -83,6 +88,70 @@ class Run:
     step_positions: Tensor | None = None
     mask0: Tensor | None = None
     decode: DecodeMemo | None = None
+    merge: LayerSteps | None = None
+    layer_tracks: list[Track] = field(default_factory=list)
+
+    def tracks(self) -> list[Track]:
+        """Every distinct Track of the prompt (the 2-D masks that grow by the new tokens at each decode step)."""
+        seen = {}
+        for track in (self.seq, self.deep, *self.layer_tracks):
+            if track is not None:
+                seen.setdefault(id(track), track)
+        return list(seen.values())
+
+
+@dataclass
+class SpanSteps:
+    """One visual span while a merge runs layer by layer.
+
+    Attributes:
+        span: where the span is in the prompt.
+        k: tokens it keeps in the end.
+        source: (n,) long, the span indices of its n remaining tokens, ascending.
+        selection: the steps so far as one Selection of the span's tokens (representatives and merge groups).
+        phase: "merge" (one step at every point), "prune" (pruned by attention at the next point) or "done".
+        left: tokens left after each point the span acted at.
+    """
+
+    span: Span
+    k: int
+    source: Tensor
+    selection: Selection
+    phase: str = "merge"
+    left: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LayerSteps:
+    """A merge running layer by layer through one prefill, and what its decode steps need.
+
+    Attributes:
+        spans: one SpanSteps per visual span, in prompt order.
+        base: the first decoder layer's own keyword arguments (positions and rotary embeddings of the whole prompt).
+        index: (B, L) gather of the current sequence from the whole prompt, left-padded; ``valid`` (B, L) is False
+            on pad slots.
+        track: 2-D mask (and zero shift: positions stay the prompt's) of the current sequence.
+        layer_kwargs: what the layers run with on the current sequence (None while it is the whole prompt).
+        prefill: the prompt's forward is running.
+        layer_input: (B, L, C) the running layer's input, for the queries of a prune; ``layer_call`` the keyword
+            arguments it runs with.
+        pending: (B, L', C) states after attention shortened by a step, waiting for the layer's MLP output
+            (``mlp_out``).
+        step_kwargs: per Track (by id), what its layers run with at the current decode step.
+    """
+
+    spans: list[SpanSteps]
+    base: dict
+    index: Tensor
+    valid: Tensor
+    track: Track
+    layer_kwargs: dict | None = None
+    prefill: bool = True
+    layer_input: Tensor | None = None
+    layer_call: dict | None = None
+    pending: Tensor | None = None
+    mlp_out: Tensor | None = None
+    step_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass

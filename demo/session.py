@@ -233,11 +233,13 @@ class DemoSession:
         seq_reduced = seq_full - (tokens_in - tokens_out)
         layer_used = getattr(reducer, "layer", 0) if reducer.stage == "llm" else 0
         flops_full = prefill_flops(self.shape, seq_full)
-        flops_reduced = prefill_flops(self.shape, layer_lengths(self.shape, seq_full, seq_reduced, layer_used))
+        lengths = state.extra.get("layer_lengths")  # recorded by reducers that shorten the sequence layer by layer
+        lengths = lengths[0] if lengths else layer_lengths(self.shape, seq_full, seq_reduced, layer_used)
+        flops_reduced = prefill_flops(self.shape, lengths)
         notes = []
         if tokens_in and tokens_out == tokens_in:
             notes.append(f"{method} kept every visual token of this {media.kind} at keep={keep:g}.")
-        if reducer.stage == "llm":
+        if reducer.stage == "llm" and layer_used:
             notes.append(
                 f"{method} prunes inside the language model: its first {layer_used} decoder layer(s) still see "
                 "every token."

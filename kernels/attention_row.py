@@ -7,9 +7,9 @@ For query (B, H, Q, D), key (B, Hk, N, D) with H = G * Hk (query head h reads ke
     p_hqn  = exp(l_hqn - m_hq) / z_hq         m_hq = max_n l_hqn, z_hq = sum_n exp(l_hqn - m_hq)   (float32)
     out_n  = 1 / (H Q) * sum_{h, q} p_hqn
 
-This is the score FastV (last query, Q = 1) and FrameFusion (last 4 queries) need, taken from the q and
-k states of one layer under SDPA instead of switching the model to eager attention, and it never forms
-the (B, H, Q, N) tensor.
+This is the score FastV (last query, Q = 1) and FrameFusion (last 1 or 4 queries, per family) need, taken
+from the q and k states of one layer under SDPA instead of switching the model to eager attention, and it
+never forms the (B, H, Q, N) tensor.
 
 Launch strategy: two passes over the keys, both deterministic (no atomics).
   1. ``_row_stats_kernel``, grid (row blocks, Hk, B): the G * Q query rows that share key head hk are

@@ -49,8 +49,10 @@ def test_examples_cover_images_and_videos(session):
 
 def test_methods_and_layer_knob():
     assert method_choices() == tokreduce.list_reducers()
-    for name in ("fastv", "dart", "framefusion"):
+    for name in ("fastv", "dart"):
         assert method_info(name).stage == "llm" and method_info(name).layer is not None
+    # framefusion merges layer by layer from layer 0 and prunes where merging ends: no layer knob to slide
+    assert method_info("framefusion").stage == "llm" and method_info("framefusion").layer is None
     assert method_info("divprune").layer is None
 
 

@@ -118,7 +118,7 @@ def test_fastv_cached_decode_matches_no_cache_recomputation(llava, policy):
 def test_ragged_batch_equals_single_runs(llava, name):
     counts = (2, 1, 3)
     inputs = llava_inputs(counts, seed=8)
-    reducer = tokreduce.get_reducer(name, keep=0.5, layer=K)
+    reducer = tokreduce.get_reducer(name, keep=0.5, **({} if name == "framefusion" else {"layer": K}))
     with torch.no_grad(), reducer(llava) as state:
         batched = llava.generate(**inputs, max_new_tokens=4, do_sample=False)
         batch_sel = [[s.index.tolist() for s in row] for row in state.selections]

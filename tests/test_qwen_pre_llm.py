@@ -26,7 +26,7 @@ ITEMS = [("image", (1, 4, 8)), ("video", (4, 4, 4))]  # one image (8 tokens) and
 def knobs(name: str, keep):
     if name == "pool" and keep != 1.0:
         return {"factor": 2}
-    if name in ("fastv", "dart", "framefusion"):
+    if name in ("fastv", "dart"):
         return {"keep": keep, "layer": 2}
     return {"keep": keep}
 

@@ -239,14 +239,14 @@ def test_framefusion_merges_static_video_then_prunes():
     video[:, 27:] = torch.randn(1, 9, 6)  # last frame differs
     attention = torch.rand(1, 36)
     out, sel = get_reducer("framefusion", keep=18).reduce(video, TokenContext(grid=(4, 3, 3), attention=attention))
-    # frames 1 and 2 repeat frame 0 and fold into it (18 merges reach the budget, so nothing is pruned)
+    # frames 1 and 2 repeat frame 0 and fold into it (18 merges reach the budget in one step, so nothing is pruned)
     assert sel.index[0].tolist() == list(range(9)) + list(range(27, 36))
     assert sel.sizes()[0, :, 0].tolist() == [3.0] * 9 + [1.0] * 9
     torch.testing.assert_close(out[0, :9], frame[0])
 
 
 def test_framefusion_prunes_by_importance_when_merging_is_not_enough():
-    video = torch.randn(1, 4 * 9, 6)  # no repetition: nothing merges
+    video = torch.eye(36)[None]  # orthogonal tokens: nothing merges, so the first step is the last
     attention = torch.arange(36, dtype=torch.float32)[None]
     sel = get_reducer("framefusion", keep=10).select(video, TokenContext(grid=(4, 3, 3), attention=attention))
     assert sel.index[0].tolist() == list(range(26, 36))
@@ -257,3 +257,16 @@ def test_pool_window_follows_keep(keep, window):
     reducer = get_reducer("pool", keep=keep)
     assert reducer.window(576) == window
     assert reducer.num_kept(576, (1, 24, 24)) == 576 // (window[0] * window[1])
+
+
+def test_framefusion_merges_below_the_lower_bound_then_stops_and_prunes():
+    """A step that merges less than min_share is still applied (the authors' code merges, then stops merging); the
+    prune then scores each merged token once, by its first token's importance on plain tensors."""
+    video = torch.eye(36)[None].clone()
+    video[0, 9] = video[0, 0]  # one repeated token of 36: a share of 1/36 < 0.1
+    attention = torch.arange(36, dtype=torch.float32)[None]
+    sel = get_reducer("framefusion", keep=10).select(video, TokenContext(grid=(4, 3, 3), attention=attention))
+    assert sel.index[0].tolist() == list(range(26, 36))
+    assert sel.assign[0, 9] == sel.assign[0, 0] == -1  # merged, then pruned together
+    sel = get_reducer("framefusion", keep=35).select(video, TokenContext(grid=(4, 3, 3), attention=attention))
+    assert 9 not in sel.index[0].tolist() and sel.assign[0, 9] == sel.assign[0, 0] == 0

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .context import ReductionState, TokenContext
 from .selection import Selection, budget, keeps_all
-from .stages import BlockMerge, DecodePolicy, LayerPrune, LayerScore
+from .stages import BlockMerge, DecodePolicy, LayerMerge, LayerPrune, LayerScore
 
 POSITION_POLICIES = ("original", "compact")
 
@@ -81,8 +81,9 @@ class Reducer:
             raise ValueError(f"positions must be one of {POSITION_POLICIES}, got {self.positions!r}")
 
     # -- what the adapters serve (tokreduce.stages) ----------------------------------------------------------
-    def in_llm(self) -> LayerPrune | None:
-        """Stage "llm": the decoder layer to prune at and the states the selection needs there."""
+    def in_llm(self) -> LayerPrune | LayerMerge | None:
+        """Stage "llm": the decoder layer to prune at and the states the selection needs there, or the steps of a
+        merge that runs layer by layer."""
         return None
 
     def in_encoder(self) -> BlockMerge | LayerScore | None:

@@ -177,10 +177,11 @@ def reduction_layer(reducer) -> int:
     (also for no reducer at all).
 
     A decode-time cache policy (``reducer.in_decode()``) prunes only while decoding, so it does not change
-    the prefill.
+    the prefill. A merge that runs layer by layer (:class:`~tokreduce.stages.LayerMerge`) starts at layer 0 and
+    reaches its budget a few layers later, so 0 makes its savings an upper bound.
     """
     plan = reducer.in_llm() if reducer is not None and reducer.stage == "llm" else None
-    return 0 if plan is None else int(plan.layer)
+    return int(getattr(plan, "layer", 0))
 
 
 def ideal_for_method(

@@ -5,7 +5,8 @@ Adapters never ask which method they run; they read these declarations from the 
 - ``reducer.stage``: where its selection is made ("vision", "pre_llm" or "llm");
 - :meth:`Reducer.in_llm` -> :class:`LayerPrune`: prune at the input of decoder layer K, with the inputs it
   needs from the layers before (attention rows of the last queries, key and text states) and, optionally,
-  a new choice at every decode step;
+  a new choice at every decode step; or :class:`LayerMerge`: merge step by step in the layers from layer 0
+  on, then prune once by attention;
 - :meth:`Reducer.in_encoder` -> :class:`BlockMerge` (merge a few tokens in every encoder block) or
   :class:`LayerScore` (score the tokens with one encoder layer's attention, then select, per crop / frame, in
   the order the method emits them);
@@ -33,7 +34,8 @@ class LayerPrune:
     Attributes:
         layer: K >= 1.
         queries: last prompt tokens whose attention row at layer K-1 (post-softmax, float32, mean over heads and
-            queries) is handed over as ``TokenContext.attention``; 0 when the method needs no attention.
+            queries) is handed over as ``TokenContext.attention``; 0 when the method needs no attention; None for
+            the model family's choice (the adapter's ``default_queries``).
         keys: hand over the key states of layer K-1 (RoPE applied, heads flattened: (1, N, Hk * D)) of the visual
             tokens as ``TokenContext.keys``, and the hidden and key states of the text tokens as ``text_hidden``
             and ``text_keys``.
@@ -50,12 +52,39 @@ class LayerPrune:
     """
 
     layer: int
-    queries: int = 1
+    queries: int | None = 1
     keys: bool = False
     final_norm: bool = False
     text_after_span: bool = False
     reselect_every_step: bool = False
     knob: str = "layer"
+
+
+@dataclass(frozen=True)
+class LayerMerge:
+    """Merge visual tokens step by step inside the language model from layer 0 on, then prune once by attention.
+
+    Merge points: the input of decoder layer 0, then in every layer the states after attention (the residual
+    stream before the MLP). At each point every span still merging takes one ``step`` on the current states of
+    its remaining tokens. A merge group becomes the plain mean of its members' current states, at the slot and
+    position of its first token (``Selection.index``); the MLP and the later layers run on the shorter sequence.
+    A span whose step reaches its budget k is done; after a span's last step, the next point (after the next
+    layer's attention) prunes it to k with ``prune``, scored by that layer's attention row of the last
+    ``queries`` prompt tokens over the current (merged) sequence. A span still merging at the last layer's point
+    is pruned there instead. Every layer's KV cache holds exactly the sequence that layer attended to.
+
+    Attributes:
+        step: ``(tokens (1, n, C), source (n,) long, grid (t, h, w), k) -> (Selection of the n tokens, last)``, one
+            merge step of a span: ``tokens`` are the current states of its n remaining tokens (sequence order),
+            ``source`` their indices in the span's t * h * w grid (ascending); ``last`` ends merging.
+        prune: ``(attention (1, n) float32, k) -> (1, k)`` kept indices, ascending.
+        queries: last prompt tokens whose attention row (post-softmax, float32, mean over heads and queries) scores
+            the prune; None for the model family's choice (the adapter's ``default_queries``).
+    """
+
+    step: Callable[[Tensor, Tensor, tuple[int, int, int], int], tuple[Selection, bool]]
+    prune: Callable[[Tensor, int], Tensor]
+    queries: int | None = None
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,10 @@ Per model, visual-token count, method and keep:
 - decode tokens/s of ``generate`` after the (reduced) prefill.
 
 ``--layers N`` keeps the first N decoder layers (all dimensions unchanged) to bound the run time. FLOP
-ratios of methods acting before the LLM do not depend on depth; for layer-K methods (FastV, DART,
-FrameFusion) the ideal ratio falls with fewer layers, because K full-length layers weigh more; the ideal
-column is computed for the depth actually run. Overhead % of full prefill grows as depth shrinks.
+ratios of methods acting before the LLM do not depend on depth; for layer-K methods (FastV, DART) the ideal
+ratio falls with fewer layers, because K full-length layers weigh more; the ideal column is computed for the
+depth actually run (FrameFusion's merge starts at layer 0, so its ideal is the before-the-LLM bound). Overhead
+% of full prefill grows as depth shrinks.
 
 Threads. With more torch threads than idle cores, every OpenMP barrier waits for a descheduled thread
 and small ops (norms, rotary, the method's own work) get 10-50x slower, which swamps every ratio; on a
