@@ -83,7 +83,7 @@ class VLMAdapter:
     def vision_rows(self, inner, modality: str, call: dict) -> list:
         """For a vision-stage reducer that chooses tokens in the tower: how the tower rows (images, crops, frames)
         of one feature-function ``call`` become each item's tokens, a list of
-        :class:`~tokreduce.adapters.vision.ItemRows` (LLaVA families)."""
+        :class:`~tokreduce.adapters.rows.ItemRows` (LLaVA families)."""
         raise NotImplementedError
 
     def check_layer(self, model, layer: int, reducer) -> None:

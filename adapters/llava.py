@@ -25,8 +25,8 @@ from torch import Tensor
 
 from .base import VLMAdapter
 from .layout import ItemLayout, grid_piece
+from .rows import ItemRows, RowGroup
 from .tower import has_cls
-from .vision import ItemRows, RowGroup
 
 
 def tokens_per_side(config) -> int:

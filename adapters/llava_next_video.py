@@ -26,7 +26,7 @@ from .llava import (
     tokens_per_side,
     video_features,
 )
-from .vision import ItemRows, RowGroup
+from .rows import ItemRows, RowGroup
 
 
 class LlavaNextVideoAdapter(VLMAdapter):

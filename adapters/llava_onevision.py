@@ -30,7 +30,7 @@ from .llava import (
     tokens_per_side,
     video_features,
 )
-from .vision import ItemRows, RowGroup
+from .rows import ItemRows, RowGroup
 
 
 def pooled_side(side: int) -> int:
