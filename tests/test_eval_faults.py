@@ -150,7 +150,8 @@ def test_killed_concurrent_edited_torn_and_corrupt_loses_and_duplicates_nothing(
 
 
 def test_killing_the_launcher_stops_its_workers_and_a_rerun_completes(tmp_path):
-    flags = ["--methods", "random", "--keep", "0.5", "--limit", "16", "--batch-size", "1", "--max-new-tokens", "2",
+    # enough work that the workers cannot finish it within the watchdog's poll after the launcher dies
+    flags = ["--methods", "random", "--keep", "0.5", "--limit", "48", "--batch-size", "1", "--max-new-tokens", "2",
              "--device", "cpu", "--no-progress", "--no-plots", "--threads", "1", "--run-name", "run"]  # fmt: skip
     run_dir = tmp_path / "two" / "run"
     command = launch_command("torchrun") + ["-m", "tokreduce.cli", "eval", *flags, "--output", str(tmp_path / "two")]
@@ -166,13 +167,13 @@ def test_killing_the_launcher_stops_its_workers_and_a_rerun_completes(tmp_path):
         assert time.monotonic() < deadline, "the workers outlived their launcher"
         time.sleep(0.05)
     written = count(run_dir)
-    assert written < 16 * 2  # killed part way
+    assert written < 48 * 2  # killed part way
 
     rerun = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=DEADLINE_S)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    run_eval(EvalConfig(methods=["random"], keep=[0.5], limit=16, batch_size=1, max_new_tokens=2, device="cpu",
+    run_eval(EvalConfig(methods=["random"], keep=[0.5], limit=48, batch_size=1, max_new_tokens=2, device="cpu",
                         progress=False, plots=False, threads=1, output=str(tmp_path / "one"), run_name="run"))  # fmt: skip
-    check_against(tmp_path / "one" / "run", run_dir, 16, 2)
+    check_against(tmp_path / "one" / "run", run_dir, 48, 2)
 
 
 def children(pid: int) -> list[int]:
