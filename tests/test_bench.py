@@ -38,6 +38,7 @@ def test_quick_bench_on_tiny_models_prints_every_column(tmp_path, capsys):
     for r in records:  # invariants, not timings: the measured cache holds exactly the ideal tokens per layer
         assert r["kv_layer_error"] == 0.0 and r["kv_bytes"] == r["kv_ideal_bytes"]
         assert r["kept"] == round(0.25 * r["visual"])
+        assert 1 < r["roofline"] and r["roofline_full_ms"] > 0  # the calibrated roofline ideal is in every row
 
 
 def test_cache_bytes_follow_layer_k_pruning():

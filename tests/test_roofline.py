@@ -48,3 +48,12 @@ def test_compute_bound_machine_gives_the_flop_ideal_and_bandwidth_caps_it():
     assert 1 < roofline_ratio(QWEN2_VL_2B, full, list(ideal.lengths), slow_memory) < ideal.prefill_ratio
     head = prefill_parts(QWEN2_VL_2B, 10)[-1]
     assert head.name == "lm_head" and head.memory_bound(slow_memory)
+
+
+def test_calibration_measures_positive_figures():
+    from tokreduce.eval.calibrate import calibrate
+
+    machine = calibrate(tokens=64, hidden=64, out=64, mib=4, repeats=1)
+    assert math.isfinite(machine.flops) and machine.flops > 0
+    assert math.isfinite(machine.bandwidth) and machine.bandwidth > 0
+    assert "GFLOP/s" in machine.describe() and "GB/s" in machine.describe()

@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 
 from tokreduce.flops import LMShape, ideal_reduction, reduction_layer
+from tokreduce.roofline import Machine, roofline_ratio, roofline_seconds
 
 from .bench_models import (
     DEFAULT_MODELS,
@@ -67,6 +68,7 @@ from .bench_models import (
     make_prompt,
     prefill,
 )
+from .calibrate import calibrate
 
 DEFAULT_METHODS = ("random", "uniform", "pool", "tome", "divprune", "dycoke", "fastv", "dart", "framefusion")
 QUICK_METHODS = ("random", "divprune", "dycoke", "fastv")
@@ -86,6 +88,9 @@ COLUMNS = (
     "ratio",
     "ideal",
     "achieved/ideal",
+    "roofline",
+    "achieved/roofline",
+    "full/roofline time",
     "overhead ms",
     "overhead %",
     "KV MiB",
@@ -121,6 +126,8 @@ class Row:
     full_decode_tps: float
     best_ratio: float = float("nan")  # min(full) / min(reduced): less sensitive to load spikes than medians
     lm_head_ms: float = float("nan")  # last-token logits, included in both prefill times
+    roofline: float = float("nan")  # roofline-ideal prefill ratio (tokreduce.roofline, calibrated machine)
+    roofline_full_ms: float = float("nan")  # predicted full prefill time under the roofline
 
     def cells(self) -> list[str]:
         return [
@@ -136,6 +143,9 @@ class Row:
             f"{self.ratio:.2f}",
             f"{self.ideal:.2f}",
             f"{self.ratio / self.ideal:.2f}",
+            f"{self.roofline:.2f}",
+            f"{self.ratio / self.roofline:.2f}",
+            f"{self.full_ms / self.roofline_full_ms:.2f}",
             f"{self.overhead_ms:.1f}",
             f"{100 * self.overhead_ms / self.full_ms:.2f}",
             f"{self.kv_bytes / 2**20:.1f}",
@@ -156,7 +166,15 @@ class Baseline:
 
 
 def bench_cell(
-    model_name, model, prompt: Prompt, base: Baseline, method: str, keep: float, repeats: int, decode_tokens: int
+    model_name,
+    model,
+    prompt: Prompt,
+    base: Baseline,
+    method: str,
+    keep: float,
+    repeats: int,
+    decode_tokens: int,
+    machine: Machine | None = None,
 ) -> Row:
     """``repeats`` pairs of full and reduced prefills of one method and keep, interleaved; one Row.
 
@@ -183,6 +201,13 @@ def bench_cell(
     per_token = 2 * shape.kv_heads * shape.head_dim * model.dtype.itemsize
     error = max(abs(b - per_token * n) / (per_token * n) for b, n in zip(layer_bytes, ideal.lengths, strict=True))
     full_s, reduced = statistics.median(full), statistics.median(times)
+    roof = {}
+    if machine is not None:
+        size = model.dtype.itemsize
+        roof = {
+            "roofline": roofline_ratio(shape, prompt.visual + prompt.text, list(ideal.lengths), machine, size),
+            "roofline_full_ms": 1e3 * roofline_seconds(shape, prompt.visual + prompt.text, machine, size),
+        }
     return Row(
         model=model_name,
         layers=shape.layers,
@@ -204,6 +229,7 @@ def bench_cell(
         full_decode_tps=base.decode_tps,
         best_ratio=min(full) / min(times),
         lm_head_ms=1e3 * base.lm_head_s,
+        **roof,
     )
 
 
@@ -311,7 +337,9 @@ def write(rows: list[Row], args) -> str:
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) on {os.cpu_count()} cores (load average "
         f"{args.load:.1f} at start), bf16, median of {args.repeats} interleaved full / reduced prefills. ratio = full / reduced prefill time; "
         "ideal = FLOP ratio for the token counts kept (tokreduce.flops); overhead = state.stats.seconds; "
-        "KV = bytes of the cache tensors after prefill."
+        "KV = bytes of the cache tensors after prefill. roofline = ratio of predicted prefill times, each the sum over "
+        "layer parts and lm_head of max(FLOPs / matmul FLOP/s, bytes / bandwidth) (tokreduce.roofline), "
+        f"calibrated here: {args.machine.describe()}; full/roofline time = measured / predicted full prefill."
     )
     heads = {f"{r.model} ({r.layers} layers)": r.lm_head_ms for r in rows}
     notes = "; ".join(f"{name} {ms:.0f} ms" for name, ms in heads.items())
@@ -341,6 +369,8 @@ def run(args) -> int:
             file=sys.stderr,
         )
     args.out.mkdir(parents=True, exist_ok=True)
+    args.machine = calibrate(torch.bfloat16)
+    print(f"# calibration: {args.machine.describe()} (bf16 matmul, fp32 copy)", file=sys.stderr, flush=True)
     rows: list[Row] = []
     for name in args.models:
         started = time.perf_counter()
@@ -361,7 +391,9 @@ def run(args) -> int:
                     )
                     continue
                 for keep in args.keep:
-                    row = bench_cell(name, model, prompt, base, method, keep, args.repeats, args.decode_tokens)
+                    row = bench_cell(
+                        name, model, prompt, base, method, keep, args.repeats, args.decode_tokens, args.machine
+                    )
                     rows.append(row)
                     print("| " + " | ".join(row.cells()) + " |", file=sys.stderr, flush=True)
                     write(rows, args)  # after every cell: an interrupted run keeps what it measured
