@@ -39,6 +39,7 @@ Video features have temporal redundancy (each frame = a shared per-position base
     tokreduce bench                         # both models, 576 / 2304 tokens, keep 0.5 / 0.25 / 0.11
     tokreduce bench --quick                 # 15-60 s
     tokreduce bench --threads 1             # steadier on a shared machine (see below)
+    tokreduce bench --scaling               # time and peak memory vs 576..9216 visual tokens (bench_scaling.py)
     tokreduce bench --models qwen2-vl-2b --methods fastv,divprune --keep 0.25 --tokens 2304 --layers 8
 """
 
@@ -306,6 +307,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed prefills per cell (median; default 3)")
     parser.add_argument("--decode-tokens", type=int, default=8, help="tokens generated for decode tok/s (default 8)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="full vs reduced prefill time and peak memory against visual tokens (576..9216; divprune, fastv; keep 0.25)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.md/.json/.png")
 
 
@@ -313,7 +319,13 @@ def resolve(args) -> argparse.Namespace:
     """Fill the defaults (``--quick`` changes them) and validate the lists."""
     from tokreduce import list_reducers
 
-    quick = args.quick
+    quick, scaling = args.quick, getattr(args, "scaling", False)
+    if scaling:
+        from .bench_scaling import SCALING_KEEP, SCALING_METHODS, SCALING_TOKENS
+
+        args.methods = args.methods or list(SCALING_METHODS)
+        args.keep = args.keep or [SCALING_KEEP]
+        args.tokens = args.tokens or list(SCALING_TOKENS)
     args.models = args.models or (["llava-ov-0.5b"] if quick else list(DEFAULT_MODELS))
     args.methods = args.methods or list(QUICK_METHODS if quick else DEFAULT_METHODS)
     args.keep = args.keep or ([0.25] if quick else [0.5, 0.25, 0.11])
@@ -371,6 +383,10 @@ def run(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.machine = calibrate(torch.bfloat16)
     print(f"# calibration: {args.machine.describe()} (bf16 matmul, fp32 copy)", file=sys.stderr, flush=True)
+    if getattr(args, "scaling", False):
+        from .bench_scaling import run_scaling
+
+        return run_scaling(args)
     rows: list[Row] = []
     for name in args.models:
         started = time.perf_counter()
