@@ -373,6 +373,11 @@ def run(args) -> int:
                     )
                     rows.append(row)
                     print("| " + " | ".join(row.cells()) + " |", file=sys.stderr, flush=True)
+                    if row.kv_layer_error > 0.01:  # the cache must hold the kept tokens, layer by layer, within 1 %
+                        print(
+                            f"# warning: {method} KV bytes off the kept share by {row.kv_layer_error:.1%}",
+                            file=sys.stderr,
+                        )
                     write(rows, args)  # after every cell: an interrupted run keeps what it measured
         del model
     table = write(rows, args)
