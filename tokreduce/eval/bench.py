@@ -16,7 +16,9 @@ Per model, visual-token count, method and keep:
   last token only, as ``generate`` does), median of ``--repeats`` runs each; full and reduced runs
   alternate so that load from other processes hits both alike;
 - the FLOP-ideal ratio from :mod:`tokreduce.flops` for the token counts the method actually kept, and
-  achieved / ideal;
+  achieved / ideal; beside it the roofline ideal (:mod:`tokreduce.roofline`: per part, the larger of FLOPs /
+  matmul throughput and bytes / memory bandwidth, both measured at start by a short calibration), achieved /
+  roofline, and measured / predicted full prefill time;
 - the method's own time (``state.stats.seconds``: choosing and merging tokens) in ms and as % of the
   full prefill (a selection slower than what it saves is a speed-up that vanishes);
 - KV-cache bytes after prefill, summed over the real cache tensors of every layer, against the full
