@@ -38,6 +38,7 @@ def test_quick_bench_on_tiny_models_prints_every_column(tmp_path, capsys):
     for r in records:  # invariants, not timings: the measured cache holds exactly the ideal tokens per layer
         assert r["kv_layer_error"] == 0.0 and r["kv_bytes"] == r["kv_ideal_bytes"]
         assert r["kept"] == round(0.25 * r["visual"])
+        assert 1 < r["roofline"] and r["roofline_full_ms"] > 0  # the calibrated roofline ideal is in every row
 
 
 def test_cache_bytes_follow_layer_k_pruning():
@@ -60,3 +61,36 @@ def test_cli_registers_bench_and_rejects_unknown_names(tmp_path, run_cli):
     assert code == 2 and "unknown method 'nope'" in line
     with pytest.raises(ValueError, match="unknown bench model"):
         build_model("gpt-17")
+
+
+def test_scaling_on_a_tiny_model_writes_table_json_and_plot(tmp_path, capsys):
+    code = main(
+        ["--scaling", "--models", "tiny-qwen2-vl", "--tokens", "144,288", "--repeats", "1", "--threads", "1"]
+        + ["--out", str(tmp_path)]
+    )
+    assert code == 0
+    from tokreduce.eval.bench_scaling import COLUMNS as SCALING_COLUMNS
+
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("| model"))
+    assert [c.strip() for c in header.strip("|").split("|")] == list(SCALING_COLUMNS)
+    records = json.loads((tmp_path / "scaling.json").read_text())
+    assert [(r["visual"], r["method"]) for r in records] == [
+        (144, "divprune"),
+        (144, "fastv"),
+        (288, "divprune"),
+        (288, "fastv"),
+    ]
+    assert all(r["kept"] == round(0.25 * r["visual"]) and r["roofline"] > 1 for r in records)
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_peak_memory_sees_an_allocation_inside_the_block():
+    import torch
+
+    from tokreduce.eval.bench_scaling import PeakMemory
+
+    with PeakMemory() as peak:
+        block = torch.ones(16 * 2**20)  # 64 MiB, touched
+    del block
+    assert peak.extra >= 60 * 2**20

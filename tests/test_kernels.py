@@ -94,6 +94,38 @@ def test_greedy_maxmin_clamps_k(k, expected):
     assert (index.diff(dim=-1) > 0).all()
 
 
+def _greedy_maxmin_full_matrix(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The float32 path before the triangular Gram matrix: 1 - normalize(x) @ normalize(x).T, then the same greedy."""
+    dist = 1.0 - _cosine(x, x)
+    b, n, _ = x.shape
+    rows = torch.arange(b)
+    nearest = dist.diagonal_scatter(torch.full((b, n), float("inf")), dim1=1, dim2=2).amin(dim=-1)
+    picks = [nearest.argmax(dim=-1)]
+    running = dist[rows, picks[0]].clone()
+    running[rows, picks[0]] = -float("inf")
+    for _ in range(1, k):
+        picks.append(running.argmax(dim=-1))
+        torch.minimum(running, dist[rows, picks[-1]], out=running)
+        running[rows, picks[-1]] = -float("inf")
+    return torch.stack(picks, dim=-1).sort(dim=-1).values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("n, c, k", [(577, 64, 144), (1023, 96, 300), (300, 32, 299)])
+def test_greedy_maxmin_triangular_gram_picks_equal_full_matrix(n, c, k, dtype):
+    # the block-triangular Gram matrix (several blocks at these N) must give DivPrune's float32 picks index for index
+    g = torch.Generator().manual_seed(n)
+    frames = torch.randn(2, n // 4 + 1, c, generator=g).repeat(1, 4, 1)[:, :n]  # video-like: repeated + noise
+    x = (frames + 0.5 * torch.randn(2, n, c, generator=g)).to(dtype)
+    assert torch.equal(similarity.greedy_maxmin(x, k, backend="torch"), _greedy_maxmin_full_matrix(x, k))
+
+
+def test_gram_is_the_full_product():
+    # the same float32 dot products; only the BLAS summation order may differ (bit-equal with MKL here)
+    x = F.normalize(torch.randn(700, 48, generator=torch.Generator().manual_seed(1)), dim=-1)
+    torch.testing.assert_close(similarity._gram(x, block=128), x @ x.T, atol=1e-6, rtol=0)
+
+
 def test_kernels_package_import_is_light():
     # transformers probes a package named `kernels`; importing ours must not pull in triton or define a version.
     code = (

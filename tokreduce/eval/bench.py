@@ -16,7 +16,9 @@ Per model, visual-token count, method and keep:
   last token only, as ``generate`` does), median of ``--repeats`` runs each; full and reduced runs
   alternate so that load from other processes hits both alike;
 - the FLOP-ideal ratio from :mod:`tokreduce.flops` for the token counts the method actually kept, and
-  achieved / ideal;
+  achieved / ideal; beside it the roofline ideal (:mod:`tokreduce.roofline`: per part, the larger of FLOPs /
+  matmul throughput and bytes / memory bandwidth, both measured at start by a short calibration), achieved /
+  roofline, and measured / predicted full prefill time;
 - the method's own time (``state.stats.seconds``: choosing and merging tokens) in ms and as % of the
   full prefill (a selection slower than what it saves is a speed-up that vanishes);
 - KV-cache bytes after prefill, summed over the real cache tensors of every layer, against the full
@@ -39,6 +41,7 @@ Video features have temporal redundancy (each frame = a shared per-position base
     tokreduce bench                         # both models, 576 / 2304 tokens, keep 0.5 / 0.25 / 0.11
     tokreduce bench --quick                 # 15-60 s
     tokreduce bench --threads 1             # steadier on a shared machine (see below)
+    tokreduce bench --scaling               # time and peak memory vs 576..9216 visual tokens (bench_scaling.py)
     tokreduce bench --models qwen2-vl-2b --methods fastv,divprune --keep 0.25 --tokens 2304 --layers 8
 """
 
@@ -56,6 +59,7 @@ from pathlib import Path
 import torch
 
 from tokreduce.flops import LMShape, ideal_reduction, reduction_layer
+from tokreduce.roofline import Machine, roofline_ratio, roofline_seconds
 
 from .bench_models import (
     DEFAULT_MODELS,
@@ -67,6 +71,8 @@ from .bench_models import (
     make_prompt,
     prefill,
 )
+from .bench_plot import plot
+from .calibrate import calibrate
 
 DEFAULT_METHODS = ("random", "uniform", "pool", "tome", "divprune", "dycoke", "fastv", "dart", "framefusion")
 QUICK_METHODS = ("random", "divprune", "dycoke", "fastv")
@@ -86,6 +92,9 @@ COLUMNS = (
     "ratio",
     "ideal",
     "achieved/ideal",
+    "roofline",
+    "achieved/roofline",
+    "full/roofline time",
     "overhead ms",
     "overhead %",
     "KV MiB",
@@ -121,6 +130,8 @@ class Row:
     full_decode_tps: float
     best_ratio: float = float("nan")  # min(full) / min(reduced): less sensitive to load spikes than medians
     lm_head_ms: float = float("nan")  # last-token logits, included in both prefill times
+    roofline: float = float("nan")  # roofline-ideal prefill ratio (tokreduce.roofline, calibrated machine)
+    roofline_full_ms: float = float("nan")  # predicted full prefill time under the roofline
 
     def cells(self) -> list[str]:
         return [
@@ -136,6 +147,9 @@ class Row:
             f"{self.ratio:.2f}",
             f"{self.ideal:.2f}",
             f"{self.ratio / self.ideal:.2f}",
+            f"{self.roofline:.2f}",
+            f"{self.ratio / self.roofline:.2f}",
+            f"{self.full_ms / self.roofline_full_ms:.2f}",
             f"{self.overhead_ms:.1f}",
             f"{100 * self.overhead_ms / self.full_ms:.2f}",
             f"{self.kv_bytes / 2**20:.1f}",
@@ -156,7 +170,15 @@ class Baseline:
 
 
 def bench_cell(
-    model_name, model, prompt: Prompt, base: Baseline, method: str, keep: float, repeats: int, decode_tokens: int
+    model_name,
+    model,
+    prompt: Prompt,
+    base: Baseline,
+    method: str,
+    keep: float,
+    repeats: int,
+    decode_tokens: int,
+    machine: Machine | None = None,
 ) -> Row:
     """``repeats`` pairs of full and reduced prefills of one method and keep, interleaved; one Row.
 
@@ -183,6 +205,13 @@ def bench_cell(
     per_token = 2 * shape.kv_heads * shape.head_dim * model.dtype.itemsize
     error = max(abs(b - per_token * n) / (per_token * n) for b, n in zip(layer_bytes, ideal.lengths, strict=True))
     full_s, reduced = statistics.median(full), statistics.median(times)
+    roof = {}
+    if machine is not None:
+        size = model.dtype.itemsize
+        roof = {
+            "roofline": roofline_ratio(shape, prompt.visual + prompt.text, list(ideal.lengths), machine, size),
+            "roofline_full_ms": 1e3 * roofline_seconds(shape, prompt.visual + prompt.text, machine, size),
+        }
     return Row(
         model=model_name,
         layers=shape.layers,
@@ -204,6 +233,7 @@ def bench_cell(
         full_decode_tps=base.decode_tps,
         best_ratio=min(full) / min(times),
         lm_head_ms=1e3 * base.lm_head_s,
+        **roof,
     )
 
 
@@ -212,46 +242,6 @@ def markdown(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def plot(rows: list[Row], path: Path) -> bool:
-    """Measured vs ideal prefill speed-up (left) and method overhead as % of full prefill (right)."""
-    try:
-        import matplotlib
-    except ImportError:
-        print('# no plot: matplotlib is not installed (pip install "tokreduce[eval]")', file=sys.stderr)
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = sorted({r.method for r in rows})
-    models = sorted({r.model for r in rows})
-    markers = "o^sDv<>"
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-    for i, method in enumerate(methods):
-        for j, model in enumerate(models):
-            mine = [r for r in rows if r.method == method and r.model == model]
-            style = {"color": plt.cm.tab10(i % 10), "marker": markers[j % len(markers)]}
-            left.scatter([r.ideal for r in mine], [r.ratio for r in mine], label=method if j == 0 else None, **style)
-            right.scatter([r.visual for r in mine], [100 * r.overhead_ms / r.full_ms for r in mine], **style)
-    for j, model in enumerate(models):  # legend entries for the marker of each model
-        left.scatter([], [], facecolors="none", edgecolors="k", marker=markers[j % len(markers)], label=model)
-    top = max([r.ideal for r in rows] + [r.ratio for r in rows]) * 1.05
-    left.plot([1, top], [1, top], "k--", lw=1, label="ideal")
-    left.plot([1, top], [0.9, 0.9 * top], "k:", lw=1, label="0.9 x ideal")
-    left.set(
-        xlabel="FLOP-ideal prefill speed-up",
-        ylabel="measured prefill speed-up (full / reduced)",
-        title="prefill speed-up vs ideal",
-    )
-    left.legend(fontsize=8)
-    right.axhline(2, color="k", ls=":", lw=1)
-    right.set(xlabel="visual tokens", ylabel="method overhead, % of full prefill", title="selection overhead")
-    fig.suptitle(", ".join(sorted({f"{r.model} ({r.layers} layers)" for r in rows})), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 # -- command line -------------------------------------------------------------------------------------------
@@ -280,6 +270,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed prefills per cell (median; default 3)")
     parser.add_argument("--decode-tokens", type=int, default=8, help="tokens generated for decode tok/s (default 8)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="full vs reduced prefill time and peak memory against visual tokens (576..9216; divprune, fastv; keep 0.25)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.md/.json/.png")
 
 
@@ -287,7 +282,13 @@ def resolve(args) -> argparse.Namespace:
     """Fill the defaults (``--quick`` changes them) and validate the lists."""
     from tokreduce import list_reducers
 
-    quick = args.quick
+    quick, scaling = args.quick, getattr(args, "scaling", False)
+    if scaling:
+        from .bench_scaling import SCALING_KEEP, SCALING_METHODS, SCALING_TOKENS
+
+        args.methods = args.methods or list(SCALING_METHODS)
+        args.keep = args.keep or [SCALING_KEEP]
+        args.tokens = args.tokens or list(SCALING_TOKENS)
     args.models = args.models or (["llava-ov-0.5b"] if quick else list(DEFAULT_MODELS))
     args.methods = args.methods or list(QUICK_METHODS if quick else DEFAULT_METHODS)
     args.keep = args.keep or ([0.25] if quick else [0.5, 0.25, 0.11])
@@ -311,7 +312,9 @@ def write(rows: list[Row], args) -> str:
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) on {os.cpu_count()} cores (load average "
         f"{args.load:.1f} at start), bf16, median of {args.repeats} interleaved full / reduced prefills. ratio = full / reduced prefill time; "
         "ideal = FLOP ratio for the token counts kept (tokreduce.flops); overhead = state.stats.seconds; "
-        "KV = bytes of the cache tensors after prefill."
+        "KV = bytes of the cache tensors after prefill. roofline = ratio of predicted prefill times, each the sum over "
+        "layer parts and lm_head of max(FLOPs / matmul FLOP/s, bytes / bandwidth) (tokreduce.roofline), "
+        f"calibrated here: {args.machine.describe()}; full/roofline time = measured / predicted full prefill."
     )
     heads = {f"{r.model} ({r.layers} layers)": r.lm_head_ms for r in rows}
     notes = "; ".join(f"{name} {ms:.0f} ms" for name, ms in heads.items())
@@ -341,6 +344,12 @@ def run(args) -> int:
             file=sys.stderr,
         )
     args.out.mkdir(parents=True, exist_ok=True)
+    args.machine = calibrate(torch.bfloat16)
+    print(f"# calibration: {args.machine.describe()} (bf16 matmul, fp32 copy)", file=sys.stderr, flush=True)
+    if getattr(args, "scaling", False):
+        from .bench_scaling import run_scaling
+
+        return run_scaling(args)
     rows: list[Row] = []
     for name in args.models:
         started = time.perf_counter()
@@ -361,9 +370,16 @@ def run(args) -> int:
                     )
                     continue
                 for keep in args.keep:
-                    row = bench_cell(name, model, prompt, base, method, keep, args.repeats, args.decode_tokens)
+                    row = bench_cell(
+                        name, model, prompt, base, method, keep, args.repeats, args.decode_tokens, args.machine
+                    )
                     rows.append(row)
                     print("| " + " | ".join(row.cells()) + " |", file=sys.stderr, flush=True)
+                    if row.kv_layer_error > 0.01:  # the cache must hold the kept tokens, layer by layer, within 1 %
+                        print(
+                            f"# warning: {method} KV bytes off the kept share by {row.kv_layer_error:.1%}",
+                            file=sys.stderr,
+                        )
                     write(rows, args)  # after every cell: an interrupted run keeps what it measured
         del model
     table = write(rows, args)
