@@ -71,7 +71,7 @@ from .bench_models import (
     make_prompt,
     prefill,
 )
-from .bench_plot import plot
+from .bench_plot import markdown, plot
 from .calibrate import calibrate
 
 DEFAULT_METHODS = ("random", "uniform", "pool", "tome", "divprune", "dycoke", "fastv", "dart", "framefusion")
@@ -238,12 +238,6 @@ def bench_cell(
 
 
 # -- output -------------------------------------------------------------------------------------------------
-def markdown(rows: list[Row]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 # -- command line -------------------------------------------------------------------------------------------
 def _list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
@@ -318,7 +312,7 @@ def write(rows: list[Row], args) -> str:
     )
     heads = {f"{r.model} ({r.layers} layers)": r.lm_head_ms for r in rows}
     notes = "; ".join(f"{name} {ms:.0f} ms" for name, ms in heads.items())
-    text = header + "\n\n" + markdown(rows)
+    text = header + "\n\n" + markdown(COLUMNS, rows)
     if rows:
         text += f"\n\nlm_head (last-token logits, reads the whole vocab x hidden weight; in every prefill, any length): {notes}."
     (args.out / "bench.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))

@@ -1,4 +1,4 @@
-"""The picture of ``tokreduce bench``: measured vs FLOP-ideal speed-up and the methods' overhead."""
+"""How ``tokreduce bench`` shows its rows: the markdown table, and the picture of speed-up and overhead."""
 
 from __future__ import annotations
 
@@ -6,15 +6,30 @@ import sys
 from pathlib import Path
 
 
-def plot(rows: list, path: Path) -> bool:
-    """Measured vs ideal prefill speed-up (left) and method overhead as % of full prefill (right)."""
+def markdown(columns: tuple[str, ...], rows: list) -> str:
+    """A markdown table of ``rows`` (each with ``cells()``, one string per column) under ``columns``."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(row.cells()) + " |" for row in rows])
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None (with a note) when matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:
         print('# no plot: matplotlib is not installed (pip install "tokreduce[eval]")', file=sys.stderr)
-        return False
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(rows: list, path: Path) -> bool:
+    """Measured vs ideal prefill speed-up (left) and method overhead as % of full prefill (right)."""
+    plt = pyplot()
+    if plt is None:
+        return False
 
     methods = sorted({r.method for r in rows})
     models = sorted({r.model for r in rows})

@@ -28,6 +28,7 @@ from tokreduce.flops import LMShape, ideal_reduction, reduction_layer
 from tokreduce.roofline import roofline_ratio
 
 from .bench_models import build_model, make_prompt, prefill
+from .bench_plot import markdown, pyplot
 
 SCALING_TOKENS = (576, 1152, 2304, 4608, 9216)
 SCALING_METHODS = ("divprune", "fastv")  # before the LLM / inside it at layer K
@@ -184,20 +185,11 @@ def scaling_rows(model_name: str, model, tokens, methods, keep: float, repeats: 
             )
 
 
-def markdown(rows: list[ScalingRow]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    return "\n".join(lines + ["| " + " | ".join(r.cells()) + " |" for r in rows])
-
-
 def plot(rows: list[ScalingRow], path: Path) -> bool:
     """Log-log: prefill time (left) and peak memory (right) against visual tokens, full and each method."""
-    try:
-        import matplotlib
-    except ImportError:
-        print('# no plot: matplotlib is not installed (pip install "tokreduce[eval]")', file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     panels = (("ms", 1.0, "prefill ms"), ("peak_bytes", 2.0**-20, "peak memory above start, MiB"))
@@ -235,10 +227,12 @@ def run_scaling(args) -> int:
         for row in scaling_rows(name, model, args.tokens, args.methods, args.keep[0], args.repeats, args.machine):
             rows.append(row)
             print("| " + " | ".join(row.cells()) + " |", file=sys.stderr, flush=True)
-            (args.out / "scaling.md").write_text(header + "\n\n" + markdown(rows) + "\n")  # kept if interrupted
+            (args.out / "scaling.md").write_text(
+                header + "\n\n" + markdown(COLUMNS, rows) + "\n"
+            )  # kept if interrupted
             (args.out / "scaling.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
         del model
-    print(header + "\n\n" + markdown(rows))
+    print(header + "\n\n" + markdown(COLUMNS, rows))
     plotted = bool(rows) and plot(rows, args.out / "scaling.png")
     written = ["scaling.md", "scaling.json"] + (["scaling.png"] if plotted else [])
     print(f"\nwrote {', '.join(str(args.out / n) for n in written)}", file=sys.stderr)

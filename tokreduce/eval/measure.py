@@ -117,7 +117,8 @@ def reducible_tokens(model, inputs: dict) -> list[int]:
     return counts
 
 
-def sample_prefill_flops(shape: LMShape, seq_len: int, tokens_in: int, tokens_out: int, layer: int) -> int:
-    """Language-model prefill FLOPs of one sample (``tokreduce.flops`` conventions; vision encoder excluded)."""
-    reduced = seq_len - (tokens_in - tokens_out)
+def sample_prefill_flops(shape: LMShape, seq_len: int, removed: int, layer: int) -> int:
+    """Language-model prefill FLOPs of one sample of ``seq_len`` tokens whose reducer removed ``removed`` of them
+    from decoder layer ``layer`` on (``tokreduce.flops`` conventions; vision encoder excluded)."""
+    reduced = seq_len - removed
     return prefill_flops(shape, layer_lengths(shape, seq_len, reduced, min(layer, shape.layers)))

@@ -244,7 +244,7 @@ class _Worker:
                 decode_tok_s=decode_rate,
                 gen_tokens=self._generated(new[i]),
                 select_s=select_s,
-                prefill_flops=sample_prefill_flops(self.shape, int(seq_len[i]), int(lost[i]), 0, layer),  # lost -> none
+                prefill_flops=sample_prefill_flops(self.shape, int(seq_len[i]), int(lost[i]), layer),
                 peak_mem_mb=peak,
                 batch_size=b,
             )

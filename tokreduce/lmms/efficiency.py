@@ -86,7 +86,7 @@ class EfficiencyMeter:
                 visual_tokens_out=int(tokens_out[i]),
                 selection_s=select_s,
                 prefill_flops=sample_prefill_flops(
-                    self.shape, int(seq_len[i]), int(tokens_in[i]), int(tokens_out[i]), self.layer
+                    self.shape, int(seq_len[i]), int(tokens_in[i]) - int(tokens_out[i]), self.layer
                 ),
             )
             for i in range(b)
