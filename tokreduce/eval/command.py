@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--methods",
         nargs="+",
         default=S,
-        help="reducers or presets (default, baselines, all); the unreduced baseline is always run",
+        help="reducers or presets (default, baselines, video, all); the unreduced baseline is always run",
     )
     p.add_argument("--keep", nargs="+", type=_keep, default=S, help="budgets: fractions (0.25) or token counts (64)")
     p.add_argument(

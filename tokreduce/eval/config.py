@@ -19,6 +19,8 @@ BASELINE = "none"  # the unreduced model; always part of a run
 PRESETS: dict[str, list[str]] = {
     "default": ["random", "uniform", "divprune", "tome", "fastv", "dycoke"],
     "baselines": ["random", "uniform", "pool"],
+    # the video sweep: methods built for clips (temporal redundancy), beside the unreduced baseline
+    "video": ["dycoke", "framefusion"],
     "all": [],  # filled lazily with every registered reducer
 }
 
