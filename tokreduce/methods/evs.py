@@ -10,7 +10,7 @@ from torch import Tensor
 from ..base import Reducer, check_range
 from ..context import TokenContext
 from ..registry import register_reducer
-from ..selection import Selection, budget, keeps_all
+from ..selection import Selection, budget, check_count, keeps_all
 from ..similarity import aligned_cosine
 
 FIRST_FRAME = 255.0  # the dissimilarity given to the first frame: above any 1 - cos, so it always ranks first
@@ -28,18 +28,18 @@ def evs_retained_count(tokens_per_frame: int, num_frames: int, keep: float | int
     return min(total, max(tokens_per_frame, budget(total, keep)))
 
 
-def evs(frames: Tensor, count: int) -> Tensor:
-    """EVS selection. frames: (B, T, n, C) -> (B, count) kept indices into the T * n grid, ascending.
+def evs(frames: Tensor, k: int) -> Tensor:
+    """EVS selection. frames: (B, T, n, C) -> (B, k) kept indices into the T * n grid, ascending.
 
     Every token is ranked by :func:`evs_dissimilarity` over the whole clip (descending, ties to the lower
-    index) and the first ``count`` are kept: a global count by ranking, no threshold, so the first frame
-    (ranked first) stays whole whenever ``count`` >= n and static regions of later frames go first.
+    index) and the first ``k`` are kept (at most T * n): a global count by ranking, no threshold, so the first
+    frame (ranked first) stays whole whenever ``k`` >= n and static regions of later frames go first.
     """
     b, t, n, _ = frames.shape
-    count = max(0, min(int(count), t * n))
+    k = min(check_count("k", k), t * n)
     score = evs_dissimilarity(frames).flatten(1)
     order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-    return order[:, :count].sort(dim=-1).values
+    return order[:, :k].sort(dim=-1).values
 
 
 @register_reducer("evs")

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..base import Reducer, check_range
 from ..context import TokenContext
 from ..registry import register_reducer
-from ..selection import Selection
+from ..selection import Selection, check_count
 
 # Bandwidths of the multi-scale Gaussian kernel: 2^-3 .. 2^1, as in the reference.
 ALPHAS = (0.125, 0.25, 0.5, 1.0, 2.0)
@@ -81,10 +81,10 @@ def vidcom2(frames: Tensor, k: int, base: float | None = None, temperature: floa
 
     Frame budgets from :func:`vidcom2_frame_budgets` (``base`` defaults to k / (T n)); within frame t the
     tokens with the lowest video_sim + frame_sim (:func:`vidcom2_similarities`) are kept, ties to the lower
-    index.
+    index. ``k`` is clamped to T * n.
     """
     b, t, n, _ = frames.shape
-    k = max(0, min(int(k), t * n))
+    k = min(check_count("k", k), t * n)
     base = k / (t * n) if base is None else base
     video_sim, frame_sim = vidcom2_similarities(frames)
     counts = vidcom2_frame_budgets(video_sim, k, base, temperature)
