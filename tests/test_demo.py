@@ -23,7 +23,7 @@ from tokreduce.demo.session import (
     method_info,
 )
 from tokreduce.flops import layer_lengths, prefill_flops
-from tokreduce.viz import captioned, mosaic, overlay_spans, span_label
+from tokreduce.viz import captioned, mosaic, overlay_spans, span_label, token_roles
 
 TILE = 224  # overlay_spans' default tile
 CAPTION = 22  # captioned's default strip height
@@ -82,13 +82,20 @@ def test_image_overlay_shows_both_spans(session):
     assert c.overlay.size == (2 * TILE + 8, TILE + CAPTION)  # base view and crop, side by side
 
 
-def test_video_overlay_is_a_frame_grid(session):
+@pytest.mark.parametrize("name", ["uniform", "vidcom2", "evs"])
+def test_video_overlay_is_a_frame_grid(session, name):
     media, question = example(session, "video")
     assert len(media.frames) == session.limits.frames
-    c = session.compare(media, question, "uniform", keep=0.5)
+    c = session.compare(media, question, name, keep=0.5)
     assert [s.grid for s in c.selections] == [(8, 3, 3)]
     assert c.overlay.size == (4 * TILE + 3 * 4, 2 * TILE + 4 + CAPTION)  # 4 x 2 frames
     assert c.tokens_out == 36
+    group, merged = token_roles(72, c.selections[0].index, c.selections[0].assign)
+    assert (group >= 0).sum() == 36 and not merged.any()  # pruned cells dimmed, kept ones drawn as they are
+    if name == "evs":  # the first frame stays whole
+        assert (group[:9] >= 0).all()
+    full = session.compare(media, question, name, keep=1.0).overlay
+    assert np.asarray(c.overlay).astype(int).sum() < np.asarray(full).astype(int).sum()  # dimmed cells show
 
 
 def test_llm_method_counts_full_layers_before_pruning(session):

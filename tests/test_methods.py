@@ -120,6 +120,8 @@ def test_pure_functions_refuse_a_meaningless_count(bad):
         "divprune": lambda k: F.divprune(x, k),
         "dart": lambda k: F.dart(x, x, None, None, k),
         "uniform_indices": lambda k: F.uniform_indices((1, 2, 5), k),
+        "vidcom2": lambda k: F.vidcom2(x.view(2, 2, 5, 4), k),
+        "evs": lambda k: F.evs(x.view(2, 2, 5, 4), k),
     }
     for name, call in calls.items():
         with pytest.raises(ValueError, match=rf"k must be an int token count >= 0, got {bad!r}"):

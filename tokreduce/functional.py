@@ -3,11 +3,13 @@
 from .methods.dart import dart
 from .methods.divprune import divprune
 from .methods.dycoke import dycoke_keep_mask, dycoke_kv_select, dycoke_ttm
+from .methods.evs import evs, evs_dissimilarity, evs_retained_count
 from .methods.framefusion import frame_merge
 from .methods.pool import pool_assignment
 from .methods.random import random_scores
 from .methods.tome import bipartite_soft_matching, parse_r, tome
 from .methods.uniform import uniform_indices
+from .methods.vidcom2 import vidcom2, vidcom2_frame_budgets, vidcom2_similarities
 from .methods.visionzip import visionzip, visionzip_select
 from .selection import budget
 
@@ -19,12 +21,18 @@ __all__ = [
     "dycoke_keep_mask",
     "dycoke_kv_select",
     "dycoke_ttm",
+    "evs",
+    "evs_dissimilarity",
+    "evs_retained_count",
     "frame_merge",
     "parse_r",
     "pool_assignment",
     "random_scores",
     "tome",
     "uniform_indices",
+    "vidcom2",
+    "vidcom2_frame_budgets",
+    "vidcom2_similarities",
     "visionzip",
     "visionzip_select",
 ]

@@ -7,12 +7,14 @@ paper-name alias) and one line here; ``tokreduce`` exports whatever this package
 from .dart import DART, DARTReducer
 from .divprune import DivPrune, DivPruneReducer
 from .dycoke import DyCoke, DyCokeReducer
+from .evs import EVS, EVSReducer
 from .fastv import FastV, FastVReducer
 from .framefusion import FrameFusion, FrameFusionReducer
 from .pool import Pool, PoolReducer
 from .random import Random, RandomReducer
 from .tome import ToMe, ToMeReducer
 from .uniform import Uniform, UniformReducer
+from .vidcom2 import VidCom2, VidCom2Reducer
 from .visionzip import VisionZip, VisionZipReducer
 
 __all__ = sorted(name for name, value in list(globals().items()) if isinstance(value, type))
