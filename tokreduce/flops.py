@@ -178,9 +178,13 @@ def reduction_layer(reducer) -> int:
 
     A decode-time cache policy (``reducer.in_decode()``) prunes only while decoding, so it does not change
     the prefill. A merge that runs layer by layer (:class:`~tokreduce.stages.LayerMerge`) starts at layer 0 and
-    reaches its budget a few layers later, so 0 makes its savings an upper bound.
+    reaches its budget a few layers later, so 0 makes its savings an upper bound. Several prune stages (a pyramid)
+    give their first stage's layer, also an upper bound; a wrapped model records the real per-layer lengths in
+    ``state.extra["layer_lengths"]``.
     """
     plan = reducer.in_llm() if reducer is not None and reducer.stage == "llm" else None
+    if isinstance(plan, tuple):  # several prune stages: the first one's layer, so the savings are an upper bound
+        plan = plan[0]
     return int(getattr(plan, "layer", 0))
 
 

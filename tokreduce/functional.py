@@ -4,8 +4,10 @@ from .methods.dart import dart
 from .methods.divprune import divprune
 from .methods.dycoke import dycoke_keep_mask, dycoke_kv_select, dycoke_ttm
 from .methods.evs import evs, evs_dissimilarity, evs_retained_count
+from .methods.feather import feather_first, strided_grid
 from .methods.framefusion import frame_merge
 from .methods.pool import pool_assignment
+from .methods.pyramiddrop import pyramid_counts, pyramiddrop_stage
 from .methods.random import random_scores
 from .methods.tome import bipartite_soft_matching, parse_r, tome
 from .methods.uniform import uniform_indices
@@ -24,10 +26,14 @@ __all__ = [
     "evs",
     "evs_dissimilarity",
     "evs_retained_count",
+    "feather_first",
     "frame_merge",
     "parse_r",
     "pool_assignment",
+    "pyramid_counts",
+    "pyramiddrop_stage",
     "random_scores",
+    "strided_grid",
     "tome",
     "uniform_indices",
     "vidcom2",

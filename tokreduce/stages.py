@@ -5,8 +5,9 @@ Adapters never ask which method they run; they read these declarations from the 
 - ``reducer.stage``: where its selection is made ("vision", "pre_llm" or "llm");
 - :meth:`Reducer.in_llm` -> :class:`LayerPrune`: prune at the input of decoder layer K, with the inputs it
   needs from the layers before (attention rows of the last queries, key and text states) and, optionally,
-  a new choice at every decode step; or :class:`LayerMerge`: merge step by step in the layers from layer 0
-  on, then prune once by attention;
+  a new choice at every decode step; or a tuple of :class:`LayerPrune` at increasing layers (a pyramid: each
+  stage prunes the survivors of the one before, with its own ``select``); or :class:`LayerMerge`: merge step by
+  step in the layers from layer 0 on, then prune once by attention;
 - :meth:`Reducer.in_encoder` -> :class:`BlockMerge` (merge a few tokens in every encoder block) or
   :class:`LayerScore` (score the tokens with one encoder layer's attention, then select, per crop / frame, in
   the order the method emits them);
@@ -49,6 +50,16 @@ class LayerPrune:
             full KV cache and attend, through a mask made at each step, to the chosen visual entries and every
             other entry; nothing is removed physically.
         knob: the method's name for ``layer`` in error messages.
+        own_layer: the attention row (and keys) come from layer K's own projections on its input (layer K-1's
+            output, before the prune) instead of from layer K-1.
+        rope: apply the rotary embedding to the queries and keys of the attention row (False: the raw q_proj /
+            k_proj states, so the score has no positional decay); the keys handed over follow.
+        span_softmax: the softmax of the attention row runs over each span's keys only (per head, before the
+            mean over heads and queries) instead of over every key the queries see.
+        select: ``(tokens (1, n, C), ctx, source (n,) long) -> Selection of the n`` for this stage, where the n
+            tokens are the span's survivors of the stages before, ``source`` their indices in the span's grid
+            (ascending; ``ctx.grid`` is the span's own grid) and ``ctx`` is filled as above for the n tokens;
+            None: the reducer's ``select``. Needed where a reducer declares several stages.
     """
 
     layer: int
@@ -58,6 +69,10 @@ class LayerPrune:
     text_after_span: bool = False
     reselect_every_step: bool = False
     knob: str = "layer"
+    own_layer: bool = False
+    rope: bool = True
+    span_softmax: bool = False
+    select: Callable[[Tensor, TokenContext, Tensor], Selection] | None = None
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,10 @@ from .divprune import DivPrune, DivPruneReducer
 from .dycoke import DyCoke, DyCokeReducer
 from .evs import EVS, EVSReducer
 from .fastv import FastV, FastVReducer
+from .feather import Feather, FeatherReducer
 from .framefusion import FrameFusion, FrameFusionReducer
 from .pool import Pool, PoolReducer
+from .pyramiddrop import PyramidDrop, PyramidDropReducer
 from .random import Random, RandomReducer
 from .tome import ToMe, ToMeReducer
 from .uniform import Uniform, UniformReducer
