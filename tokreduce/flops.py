@@ -103,7 +103,9 @@ class ViTShape:
         config = getattr(config, "vision_config", None) or config
         hidden = getattr(config, "hidden_size", None) or config.embed_dim
         intermediate = getattr(config, "intermediate_size", None) or int(hidden * getattr(config, "mlp_ratio", 4))
-        return ViTShape(hidden=hidden, layers=getattr(config, "num_hidden_layers", None) or config.depth, intermediate=intermediate)
+        return ViTShape(
+            hidden=hidden, layers=getattr(config, "num_hidden_layers", None) or config.depth, intermediate=intermediate
+        )
 
 
 def vit_flops(shape: ViTShape, tokens: int | list[int]) -> int:
@@ -145,7 +147,13 @@ class IdealReduction:
 
 
 def ideal_reduction(
-    config, visual: int, kept: int, text: int, layer: int = 0, dtype: torch.dtype = torch.bfloat16
+    config,
+    visual: int,
+    kept: int,
+    text: int,
+    layer: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    lengths: list[int] | None = None,
 ) -> IdealReduction:
     """Ideal prefill FLOPs and KV bytes when ``visual`` tokens shrink to ``kept`` at decoder layer ``layer``.
 
@@ -157,12 +165,14 @@ def ideal_reduction(
         layer: first decoder layer that sees the reduced sequence; 0 for methods acting before the LLM
             (layers < ``layer`` process, and cache, all ``visual + text`` tokens).
         dtype: dtype of the KV cache.
+        lengths: the sequence length of every decoder layer of the reduced prefill where it is not ``layer``'s one
+            step (several prune stages), instead of the lengths from ``kept`` and ``layer``.
     """
     shape = config if isinstance(config, LMShape) else LMShape.from_config(config)
     if not 0 <= kept <= visual or text < 0:
         raise ValueError(f"need 0 <= kept <= visual and text >= 0, got visual={visual}, kept={kept}, text={text}")
     full = visual + text
-    lengths = layer_lengths(shape, full, kept + text, layer)
+    lengths = layer_lengths(shape, full, kept + text, layer) if lengths is None else _per_layer(lengths, shape.layers)
     return IdealReduction(
         full_flops=prefill_flops(shape, full),
         reduced_flops=prefill_flops(shape, lengths),
