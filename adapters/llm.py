@@ -318,11 +318,12 @@ class LayerPruning:
         """Stage ``s`` at the prefill: select per sample and span among the survivors, shorten the sequence."""
         state, reducer, plan = self.session.state, self.reducer, self.plans[s]
         b, n, _ = hidden.shape
-        stays = torch.ones(b, n, dtype=torch.bool, device=hidden.device)
+        previous = run.cuts[-1] if run.cuts else None
+        # the pad slots of an earlier stage's re-padding go (they point at position 0, which is real in some rows)
+        stays = torch.ones(b, n, dtype=torch.bool, device=hidden.device) if previous is None else previous.valid.clone()
         out = hidden
         attention, run.attention = run.attention, None
         keys, run.keys = run.keys, None
-        previous = run.cuts[-1] if run.cuts else None
         if s == 0:
             run.cut_done = True
             run.kept = [Selection.identity(1, span.piece.num_tokens, hidden.device) for span in run.spans]
@@ -365,7 +366,7 @@ class LayerPruning:
                     out[span.sample, kept] = selection.merge(hidden[span.sample, pos][None])[0].to(out.dtype)
         if len(self.plans) > 1:
             self.record_stage(run, state)
-        if bool(stays.all()):
+        if bool(stays.all()) if previous is None else torch.equal(stays, previous.valid):  # nothing removed
             run.cuts.append(previous)
             run.cut = previous
             if last and len(self.plans) > 1:
@@ -390,10 +391,10 @@ class LayerPruning:
         return with_hidden(args, {**kwargs, **layer_kwargs}, new_hidden)
 
     def record_stage(self, run, state) -> None:
-        """Per sample, per span: the span's tokens left after each stage so far (``state.extra["stage_kept"]``)."""
+        """Per sample, per stage so far, per span: (K_s,) the span's tokens left (``state.extra["stage_kept"]``)."""
         rows = [[] for _ in range(run.base_mask.shape[0])]
         for span, kept in zip(run.spans, run.kept, strict=True):
-            rows[span.sample].append(kept.num_kept)
+            rows[span.sample].append(kept.index[0].cpu())
         stages = state.extra.setdefault("stage_kept", [[] for _ in rows])
         for row, counts in zip(stages, rows, strict=True):
             row.append(counts)
