@@ -169,3 +169,23 @@ def test_stage_layers_out_of_range_are_refused(llava, reducer):
 def test_stage_layers_must_increase(layers):
     with pytest.raises(ValueError, match="layers"):
         tokreduce.PyramidDrop(layers=layers)
+
+
+def test_stages_record_what_every_layer_ran_on(llava):
+    """Each stage's layers cache exactly what they attended to; ``layer_lengths`` (the FLOPs of eval and bench)
+    says the same, per sample of a ragged batch."""
+    from tokreduce.flops import recorded_lengths
+
+    inputs = llava_inputs((2, 1), seed=5)
+    reducer = tokreduce.PyramidDrop(keep=0.25, layers=(1, 2, 3))
+    with torch.no_grad(), reducer(llava) as state:
+        out = llava(**inputs)
+    lengths = recorded_lengths(reducer, state)
+    n = inputs["attention_mask"].sum(1).tolist()
+    for row, total, images in zip(lengths, n, (2, 1), strict=True):  # 16 -> 10 -> 6 -> 4 tokens per image
+        assert row == [total, total - 6 * images, total - 10 * images, total - 12 * images]
+    # the cache is left padded to the widest row, the prompt's own pad slots included (as for a single stage)
+    pads = [inputs["input_ids"].shape[1] - total for total in n]
+    caches = [layer.keys.shape[-2] for layer in output_cache(out).layers]
+    assert caches == [max(row[i] + pad for row, pad in zip(lengths, pads, strict=True)) for i in range(len(caches))]
+    assert recorded_lengths(tokreduce.FastV(keep=0.5), state) is None

@@ -230,6 +230,11 @@ def test_pruning_below_qwen3_deepstack_depth_is_refused():
             pass
     with tokreduce.FastV(keep=0.5, layer=2)(model):
         pass
+    with pytest.raises(ValueError, match="deepstack"):  # every stage of a pyramid is checked
+        with tokreduce.PyramidDrop(keep=0.5, layers=(1, 2, 3))(model):
+            pass
+    with tokreduce.PyramidDrop(keep=0.5, layers=(2, 3))(model):
+        pass
 
 
 @pytest.mark.parametrize("model_type", QWEN_TYPES)

@@ -198,6 +198,15 @@ def reduction_layer(reducer) -> int:
     return int(getattr(plan, "layer", 0))
 
 
+def recorded_lengths(reducer, state) -> list[list[int]] | None:
+    """Per sample, the sequence length every decoder layer ran on, as recorded by a reducer with several prune stages
+    (``state.extra["layer_lengths"]``); None for other reducers, whose savings :func:`reduction_layer` describes."""
+    plan = reducer.in_llm() if reducer is not None and reducer.stage == "llm" else None
+    if not isinstance(plan, tuple) or state is None:
+        return None
+    return state.extra.get("layer_lengths")
+
+
 def ideal_for_method(
     config,
     method,

@@ -66,7 +66,7 @@ from pathlib import Path
 
 import torch
 
-from tokreduce.flops import LMShape, ideal_reduction, reduction_layer
+from tokreduce.flops import LMShape, ideal_reduction, recorded_lengths, reduction_layer
 from tokreduce.roofline import Machine, roofline_ratio, roofline_seconds
 
 from .bench_models import (
@@ -220,8 +220,8 @@ def bench_cell(
     if sum(state.stats.tokens_in) != prompt.visual:
         raise RuntimeError(f"{method}: reduced {sum(state.stats.tokens_in)} visual tokens, expected {prompt.visual}")
     # several prune stages: the lengths each layer really ran on (the counts of a stage may depend on the scores)
-    staged = reducer.stage == "llm" and isinstance(reducer.in_llm(), tuple)
-    lengths = state.extra["layer_lengths"][0] if staged and "layer_lengths" in state.extra else None
+    lengths = recorded_lengths(reducer, state)
+    lengths = lengths[0] if lengths else None
     ideal = ideal_reduction(shape, prompt.visual, kept, prompt.text, reduction_layer(reducer), model.dtype, lengths)
     per_token = 2 * shape.kv_heads * shape.head_dim * model.dtype.itemsize
     error = max(abs(b - per_token * n) / (per_token * n) for b, n in zip(layer_bytes, ideal.lengths, strict=True))
