@@ -19,7 +19,9 @@ survivors with the stage's ``select`` and shortens the sequence again, gathering
 from the whole prompt by the composed index; the layers of each stage get the mask, positions and rotary
 embeddings of their own sequence, so each stage's KV cache holds exactly what it attended to, and at decode steps
 each stage's first layer builds the mask over its own cache. The composed choice of every span is recorded after
-the last stage.
+the last stage (``state.extra["stage_kept"]``: every stage's survivors; ``"layer_lengths"``: tokens per layer).
+A stage may ask for its attention row without the rotary embedding (q_proj / k_proj states as they are, keys
+recomputed instead of read from the cache) and with the softmax over each span's keys only.
 
 When the reducer re-selects at every decode step, nothing is removed: layers >= K keep the full sequence and
 cache and run with a mask that hides the visual tokens not chosen. At every decode step layer K-1's post-hook
@@ -193,8 +195,6 @@ class LayerPruning:
         if any(b <= a for a, b in zip(self.layers, self.layers[1:], strict=False)):
             raise ValueError(f"{self.reducer.name}: prune stages need increasing layers, got {self.layers}")
         self.stage_of = {layer: s for s, layer in enumerate(self.layers)}
-        self.queries = self.plan.queries
-        self.needs_attention = self.plan.queries > 0
         self.every_step = self.plan.reselect_every_step
         if self.every_step and (self.plan.queries != 1 or self.plan.keys or len(self.plans) > 1):
             raise ValueError(

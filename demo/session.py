@@ -14,7 +14,7 @@ Only the public API is used: ``tokreduce.get_reducer`` / ``list_reducers``, ``wi
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +109,11 @@ class Comparison:
 
 
 def method_info(name: str) -> MethodInfo:
-    """Stage and default layer of a registered method (its defaults, from ``tokreduce.get_reducer``)."""
+    """Stage and default layer of a registered method (its defaults, from ``tokreduce.get_reducer``); None for
+    methods without a ``layer`` knob (before the LLM, or several prune stages with a ``layers`` knob)."""
     reducer = tokreduce.get_reducer(name)
-    return MethodInfo(name, reducer.stage, reduction_layer(reducer) or None)
+    has_layer = "layer" in {f.name for f in fields(reducer)}
+    return MethodInfo(name, reducer.stage, (reduction_layer(reducer) or None) if has_layer else None)
 
 
 def toy_examples(images: int = 3, videos: int = 3) -> list[Example]:
