@@ -266,7 +266,8 @@ class LayerPruning:
         plan = self.plans[s]
         cos, sin = kwargs["position_embeddings"]
         mask = run.base_mask.bool() if not run.cuts or run.cuts[-1] is None else run.cuts[-1].track.mask.bool()
-        with torch.no_grad():
+        # scoring is part of the method's own time (keys recomputed without RoPE or for layer K itself cost a k_proj)
+        with Timer(self.session.state), torch.no_grad():
             keys = cached_keys(compat.cache_of(kwargs), layer_idx, hidden.shape[1]) if plan.rope else None
             if keys is None:  # no cache (or one we cannot read, or keys without RoPE): one k projection
                 keys = key_states(layer, hidden, cos, sin, plan.rope)
