@@ -350,8 +350,7 @@ class LayerPruning:
                         t = t[t > pos.max()]
                     ctx.keys = keys[span.sample, pos][None]
                     ctx.text_hidden, ctx.text_keys = states[span.sample, t][None], keys[span.sample, t][None]
-                source = run.kept[i].index[0]
-                selection = reducer.select(tokens, ctx) if plan.select is None else plan.select(tokens, ctx, source)
+                selection = (plan.select or reducer.select)(tokens, ctx)
                 run.kept[i] = run.kept[i].compose(selection)
                 if last:
                     record_span(state, span, run.kept[i], "llm", int(span.positions[0]))

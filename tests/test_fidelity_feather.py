@@ -88,7 +88,7 @@ def test_first_prune_keeps_what_the_reference_keeps(side, ratio, stride, seed):
     reducer = tokreduce.Feather(keep=ratio * ratio, stride=stride)
     first, _ = reducer.in_llm()
     ctx = TokenContext(grid=(1, side, side), attention=attention[None])
-    ours = first.select(torch.randn(1, v, 4, generator=g), ctx, torch.arange(v)).index[0]
+    ours = first.select(torch.randn(1, v, 4, generator=g), ctx).index[0]
     assert ours.tolist() == first_prune_reference(attention, ratio, stride).tolist()
 
 
@@ -99,8 +99,7 @@ def test_second_prune_keeps_what_the_reference_keeps(seed):
     attention = torch.rand(survivors, generator=g)
     _, second = tokreduce.Feather(keep=0.09).in_llm()
     ctx = TokenContext(grid=(1, 24, 24), attention=attention[None])
-    source = torch.randperm(v, generator=g)[:survivors].sort().values
-    ours = second.select(torch.randn(1, survivors, 4, generator=g), ctx, source).index[0]
+    ours = second.select(torch.randn(1, survivors, 4, generator=g), ctx).index[0]
     want = attention.topk(TF.budget(v, 0.09)).indices.sort().values  # int(576 * 0.09) = 51, round: 52
     assert ours.tolist() == want.tolist()
 

@@ -99,7 +99,7 @@ def test_each_stage_keeps_what_the_reference_keeps_from_given_attention(seed):
     for s, stage in enumerate(reducer.in_llm()):
         attention = torch.rand(1, source.numel(), generator=g)
         ctx = TokenContext(grid=(1, 8, 8), attention=attention)
-        chosen = stage.select(torch.randn(1, source.numel(), 4, generator=g), ctx, source).index[0]
+        chosen = stage.select(torch.randn(1, source.numel(), 4, generator=g), ctx).index[0]
         want = attention[0].topk(n // 2 ** (s + 1)).indices.sort().values
         assert chosen.tolist() == want.tolist()
         source = source[chosen]

@@ -56,10 +56,10 @@ class LayerPrune:
             k_proj states, so the score has no positional decay); the keys handed over follow.
         span_softmax: the softmax of the attention row runs over each span's keys only (per head, before the
             mean over heads and queries) instead of over every key the queries see.
-        select: ``(tokens (1, n, C), ctx, source (n,) long) -> Selection of the n`` for this stage, where the n
-            tokens are the span's survivors of the stages before, ``source`` their indices in the span's grid
-            (ascending; ``ctx.grid`` is the span's own grid) and ``ctx`` is filled as above for the n tokens;
-            None: the reducer's ``select``. Needed where a reducer declares several stages.
+        select: ``(tokens (1, n, C), ctx) -> Selection of the n`` for this stage, where the n tokens are the span's
+            survivors of the stages before (``ctx`` is filled as above for the n tokens; ``ctx.grid`` stays the
+            span's own grid, so N = t * h * w); None: the reducer's ``select``. Needed where a reducer declares
+            several stages.
     """
 
     layer: int
@@ -72,7 +72,7 @@ class LayerPrune:
     own_layer: bool = False
     rope: bool = True
     span_softmax: bool = False
-    select: Callable[[Tensor, TokenContext, Tensor], Selection] | None = None
+    select: Callable[[Tensor, TokenContext], Selection] | None = None
 
 
 @dataclass(frozen=True)

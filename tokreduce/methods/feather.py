@@ -97,7 +97,7 @@ class FeatherReducer(ScoreReducer):
             for layer, select in zip(self.layers, (self.first, self.second), strict=True)
         )
 
-    def first(self, tokens: Tensor, ctx: TokenContext, source: Tensor) -> Selection:
+    def first(self, tokens: Tensor, ctx: TokenContext) -> Selection:
         n = tokens.shape[1]
         if self.is_identity() or budget(n, self.keep) >= n:
             return Selection.identity(1, n, tokens.device)
@@ -105,7 +105,7 @@ class FeatherReducer(ScoreReducer):
         index = feather_first(ctx.require("attention", self.name), grid, self.first_count(n), self.stride)
         return Selection(index=index, num_tokens=n)
 
-    def second(self, tokens: Tensor, ctx: TokenContext, source: Tensor) -> Selection:
+    def second(self, tokens: Tensor, ctx: TokenContext) -> Selection:
         grid = ctx.grid or (1, 1, tokens.shape[1])
         k = budget(grid[0] * grid[1] * grid[2], self.keep)
         if k >= tokens.shape[1]:

@@ -93,7 +93,7 @@ class PyramidDropReducer(ScoreReducer):
         )
 
     def stage_select(self, s: int):
-        def select(tokens: Tensor, ctx: TokenContext, source: Tensor) -> Selection:
+        def select(tokens: Tensor, ctx: TokenContext) -> Selection:
             n = ctx.grid[0] * ctx.grid[1] * ctx.grid[2] if ctx.grid else tokens.shape[1]
             count = 0 if n == 0 else pyramid_counts(n, self.keep, len(self.layers))[s]
             if count >= tokens.shape[1]:
