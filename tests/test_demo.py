@@ -91,6 +91,19 @@ def test_video_overlay_is_a_frame_grid(session):
     assert c.tokens_out == 36
 
 
+def test_video_overlay_shows_prunevid_merges(session):
+    """PruneVid's merged groups (static positions over frames, spatial clusters) reach the frame mosaic."""
+    from tokreduce.viz import token_roles
+
+    media, question = example(session, "video")
+    c = session.compare(media, question, "prunevid", keep=0.5)
+    (sel,) = c.selections
+    assert sel.grid == (8, 3, 3) and c.tokens_out == 36 and sel.assign is not None
+    group, merged = token_roles(sel.num_tokens, sel.index, sel.assign)
+    assert merged.any()  # some cells are tinted as members of a merged group
+    assert c.overlay.size == (4 * TILE + 3 * 4, 2 * TILE + 4 + CAPTION)
+
+
 def test_llm_method_counts_full_layers_before_pruning(session):
     media, question = example(session, "video")
     c = session.compare(media, question, "fastv", keep=0.25, layer=1)

@@ -10,6 +10,7 @@ from .dycoke import DyCoke, DyCokeReducer
 from .fastv import FastV, FastVReducer
 from .framefusion import FrameFusion, FrameFusionReducer
 from .pool import Pool, PoolReducer
+from .prunevid import PruneVid, PruneVidReducer
 from .random import Random, RandomReducer
 from .tome import ToMe, ToMeReducer
 from .uniform import Uniform, UniformReducer
