@@ -236,6 +236,8 @@ class QwenSession(Session):
             return None
         args, new = out
         pos = new["position_ids"]
+        if self.prunes_in_llm and self.run is not None:  # a later prune in the LLM gathers the kept tokens' positions
+            self.run.rope_positions = pos[-3:]
         nxt = pos[-3:, :, -1] + 1  # (3, B) next M-RoPE position under the policy
         self.inner.rope_deltas = (nxt[0] - pos.shape[-1])[:, None]
         return args, new

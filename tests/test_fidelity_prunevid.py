@@ -7,7 +7,9 @@ Transcribed below from models/pllava/modeling_pllava.py, batch size 1, loops as 
   ties, so the noise decides nothing);
 - ``refine_clusters`` and ``segment_lengths`` (temporal segments);
 - ``merge_frames_dynamic`` (static mask per segment, static mean, DPC-kNN cluster means of the static tokens and of
-  each frame's dynamic tokens, ``int(m * cluster_ratio)`` clusters above 14 tokens, with ``compute_cluster_vectors``).
+  each frame's dynamic tokens, ``int(m * cluster_ratio)`` clusters above 14 tokens, with ``compute_cluster_vectors``);
+- from models/pllava/elastic_cache.py, ``VTPWindowCache.process_attention`` (inside the LLM: per segment, the top
+  ``int(m * alpha)`` static tokens and, per frame, the top ``int(m * alpha)`` dynamic tokens by attention).
 
 The library returns a Selection in original order; the reference emits tokens in its own order, so the comparison
 is on the multiset of output vectors (each matched to the library's output at the reference cluster's centre).
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 
 from tokreduce import TokenContext, get_reducer
 from tokreduce import functional as TF
+from tokreduce.functional import budget
 
 
 def authors_dpc_knn(x, cluster_num, k, seed=0):
@@ -104,8 +107,9 @@ def authors_segments(labels):
     return lengths + [count]
 
 
-def authors_merge(frames, tau, temporal_segment_ratio, cluster_ratio, k=7):
-    """``merge_frames_dynamic`` for one clip (T, L, C) -> list of (output vector, centre grid index)."""
+def authors_merge(frames, tau, temporal_segment_ratio, cluster_ratio, k=7, sizes=None):
+    """``merge_frames_dynamic`` for one clip (T, L, C) -> list of (output vector, centre grid index), in the authors'
+    output order; ``sizes`` (a list) receives (static size, dynamic size, window size) per segment."""
     t, n, c = frames.shape
     labels, _ = authors_dpc_knn(frames.mean(dim=1), int(t * temporal_segment_ratio), k)
     windows = authors_segments(authors_refine(labels.tolist()))
@@ -128,11 +132,29 @@ def authors_merge(frames, tau, temporal_segment_ratio, cluster_ratio, k=7):
         sim = (sim.sum(dim=-2) - 1).sum(dim=-2) / (w * (w - 1))
         mask = sim > tau
         positions = torch.arange(n)
+        before = len(out)
         spatial(current[:, mask].mean(dim=0), start * n + positions[mask])
+        static = len(out) - before
         for f in range(w):
             spatial(current[f, ~mask], (start + f) * n + positions[~mask])
+        if sizes is not None:
+            sizes.append((static, len(out) - before - static, w))
         start += w
     return out
+
+
+def authors_process_attention(attention, sizes, alpha):
+    """``process_attention`` on the (M,) attention of the merged tokens in the authors' order -> kept indices."""
+    kept, start = [], 0
+    for static, dynamic, w in sizes:
+        window = attention[start : start + static + dynamic]
+        kept += (torch.topk(window[:static], k=int(static * alpha)).indices + start).tolist()
+        per_frame = window[static:].view(w, -1)
+        top = torch.topk(per_frame, k=int(per_frame.shape[-1] * alpha), dim=-1).indices
+        for i in range(w):
+            kept += (top[i] + start + static + per_frame.shape[-1] * i).tolist()
+        start += static + dynamic
+    return kept
 
 
 def clip(seed, t=16, h=6, w=6, c=16, static=0.6):
@@ -186,6 +208,29 @@ def test_merge_matches_authors(seed, tau):
         torch.testing.assert_close(mine[centre], vector, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("alpha", [0.4, 0.25])
+def test_llm_stage_matches_authors(seed, alpha):
+    """The parts recovered from the pre-LLM merge groups and the per-part top-k equal the authors' windows."""
+    from tokreduce.methods.prunevid import llm_parts, top_per_part
+
+    frames = clip(seed)
+    sizes = []
+    reference = authors_merge(frames, 0.8, 0.25, 0.5, sizes=sizes)
+    attention = torch.rand(len(reference), generator=torch.Generator().manual_seed(seed))
+    kept = authors_process_attention(attention, sizes, alpha)
+    want = sorted(reference[i][1] for i in kept)
+
+    selection = TF.prunevid_merge(frames, 0.8, 0.25, 0.5, knn=7)
+    centres = selection.index[0].tolist()
+    score = dict(zip((c for _, c in reference), attention.tolist(), strict=True))
+    mine = torch.tensor([[score[c] for c in centres]])
+    part = llm_parts(selection, (16, 6, 6))
+    quota = torch.tensor([int(int(m) * alpha) for m in torch.bincount(part)])
+    got = top_per_part(mine, part, quota)[0]
+    assert [centres[i] for i in got.tolist()] == want
+
+
 def test_duplicate_frames_are_deterministic_and_fully_static():
     frames = clip(0, t=8, static=0.0)
     frames[:] = frames[0]  # one frame repeated: every position static in one segment
@@ -199,9 +244,11 @@ def test_duplicate_frames_are_deterministic_and_fully_static():
 @pytest.mark.parametrize("keep", [0.05, 0.2, 0.5, 0.9])
 def test_budget_is_exact_and_images_cluster_spatially(keep):
     frames = clip(3)
-    reducer = get_reducer("prunevid", keep=keep)
+    reducer = get_reducer("prunevid", keep=keep, alpha=1.0)  # the whole budget before the LLM
     sel = reducer.select(frames.flatten(0, 1)[None], TokenContext(grid=(16, 6, 6)))
-    assert sel.num_kept == reducer.num_kept(16 * 36)
+    assert sel.num_kept == reducer.num_kept(16 * 36) == budget(16 * 36, keep)
+    two_stage = get_reducer("prunevid", keep=keep)  # alpha 0.4: the LLM stage keeps 0.4 of what comes before it
+    assert two_stage.num_kept(16 * 36) == budget(16 * 36, min(1.0, keep / 0.4))
     image = torch.randn(1, 36, 16)
     sel = reducer.select(image, TokenContext(grid=(1, 6, 6)))
     assert sel.num_kept == reducer.num_kept(36) and sel.assign is not None

@@ -15,6 +15,8 @@ ALL = tokreduce.list_reducers()
 def knobs(name: str, keep):
     if name == "pool" and keep != 1.0:
         return {"factor": 2}
+    if name == "prunevid":  # its pre-LLM stage alone (the LLM stage is tested in test_prunevid_models.py)
+        return {"keep": keep, "alpha": 1.0}
     return {"keep": keep}
 
 
@@ -66,7 +68,7 @@ def test_matches_hand_built_reference(llava, name):
 def test_ragged_batch_equals_single_runs(llava, name):
     counts = (1, 3, 2)
     inputs = llava_inputs(counts, seed=5)
-    with torch.no_grad(), tokreduce.get_reducer(name, keep=0.4)(llava) as state:
+    with torch.no_grad(), tokreduce.get_reducer(name, **knobs(name, 0.4))(llava) as state:
         batched = llava.generate(**inputs, max_new_tokens=5, do_sample=False)
         batch_sel = [[s.index.tolist() for s in row] for row in state.selections]
         for i in range(len(counts)):
@@ -139,7 +141,7 @@ def test_anyres_and_video_families(model_type, name):
         ref = model(**inputs).logits
         with tokreduce.get_reducer("uniform", keep=1.0)(model):
             assert torch.equal(model(**inputs).logits, ref)
-        with tokreduce.get_reducer(name, keep=0.5)(model) as state:
+        with tokreduce.get_reducer(name, **knobs(name, 0.5))(model) as state:
             out = model(**inputs).logits
             sel_forward = [[(s.grid, s.index.tolist()) for s in row] for row in state.selections]
             model.generate(**inputs, max_new_tokens=2, do_sample=False)

@@ -26,6 +26,8 @@ ITEMS = [("image", (1, 4, 8)), ("video", (4, 4, 4))]  # one image (8 tokens) and
 def knobs(name: str, keep):
     if name == "pool" and keep != 1.0:
         return {"factor": 2}
+    if name == "prunevid":  # its pre-LLM stage alone (the LLM stage is tested in test_prunevid_models.py)
+        return {"keep": keep, "alpha": 1.0}
     if name in ("fastv", "dart"):
         return {"keep": keep, "layer": 2}
     return {"keep": keep}

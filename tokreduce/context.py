@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from .selection import Selection
+
 
 @dataclass
 class TokenContext:
@@ -25,6 +27,8 @@ class TokenContext:
         text_hidden: (B, M, C) hidden states of the text tokens at that layer (DART text pivots).
         text_keys: (B, M, D) key states of the text tokens at that layer.
         span: index of this span within its sample; decorrelates seeded methods across spans.
+        earlier: for a choice inside the language model after a pre-LLM one (of the same reducer), the span's pre-LLM
+            Selection in its original numbering: the tokens being reduced are its outputs.
     """
 
     grid: tuple[int, int, int] | None = None
@@ -36,6 +40,7 @@ class TokenContext:
     text_hidden: Tensor | None = None
     text_keys: Tensor | None = None
     span: int = 0
+    earlier: Selection | None = None
 
     def require(self, name: str, method: str) -> Tensor:
         value = getattr(self, name)

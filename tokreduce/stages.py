@@ -13,7 +13,8 @@ Adapters never ask which method they run; they read these declarations from the 
 - :meth:`Reducer.in_decode` -> :class:`DecodePolicy`: a decode-time KV-cache policy with its own select.
 
 A method that acts at two stages (DyCoke: pre-LLM merge, then a decode-time cache policy) declares both in
-its one file.
+its one file. A "pre_llm" reducer whose ``in_llm`` gives a :class:`LayerPrune` prunes again inside the language
+model: its ``select`` reduces before the LLM, the LayerPrune's ``select`` at layer K.
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ class LayerPrune:
             layer K-1 over the whole cache (needs ``queries == 1`` and no ``keys``). Layers >= K then keep their
             full KV cache and attend, through a mask made at each step, to the chosen visual entries and every
             other entry; nothing is removed physically.
+        question: score with the attention rows of every non-visual prompt token after the span (the question and
+            what follows it) at layer K-1, post-softmax (float32), max over heads and over those rows, as
+            ``TokenContext.attention``; ``queries`` is then not used.
+        select: ``(tokens (1, n, C), ctx) -> Selection`` of the n tokens, the choice at layer K of a "pre_llm" reducer
+            (whose own ``select`` acted before the LLM); None: the reducer's ``select``. Its ``ctx.earlier`` is the
+            span's pre-LLM Selection (in the span's original numbering; the n tokens are its outputs) and
+            ``ctx.grid`` the span's original grid. Needs ``positions="original"``.
         knob: the method's name for ``layer`` in error messages.
     """
 
@@ -57,6 +65,8 @@ class LayerPrune:
     final_norm: bool = False
     text_after_span: bool = False
     reselect_every_step: bool = False
+    question: bool = False
+    select: Callable[[Tensor, TokenContext], Selection] | None = None
     knob: str = "layer"
 
 

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from tokreduce.flops import LMShape, ideal_reduction, reduction_layer
+from tokreduce.flops import LMShape, ideal_reduction, two_stage
 from tokreduce.roofline import Machine, roofline_ratio, roofline_seconds
 
 from .bench_models import (
@@ -179,6 +179,7 @@ def bench_cell(
     repeats: int,
     decode_tokens: int,
     machine: Machine | None = None,
+    knobs: dict | None = None,
 ) -> Row:
     """``repeats`` pairs of full and reduced prefills of one method and keep, interleaved; one Row.
 
@@ -187,7 +188,7 @@ def bench_cell(
     """
     from tokreduce import get_reducer
 
-    reducer = get_reducer(method, keep=keep)
+    reducer = get_reducer(method, keep=keep, **(knobs or {}))
     shape = LMShape.from_config(model.config)
     full, times, overheads = [], [], []
     with reducer(model) as state:
@@ -201,7 +202,8 @@ def bench_cell(
     kept = sum(state.stats.tokens_out)
     if sum(state.stats.tokens_in) != prompt.visual:
         raise RuntimeError(f"{method}: reduced {sum(state.stats.tokens_in)} visual tokens, expected {prompt.visual}")
-    ideal = ideal_reduction(shape, prompt.visual, kept, prompt.text, reduction_layer(reducer), model.dtype)
+    layer, early = two_stage(reducer, prompt.visual, prompt.grid)
+    ideal = ideal_reduction(shape, prompt.visual, kept, prompt.text, layer, model.dtype, early)
     per_token = 2 * shape.kv_heads * shape.head_dim * model.dtype.itemsize
     error = max(abs(b - per_token * n) / (per_token * n) for b, n in zip(layer_bytes, ideal.lengths, strict=True))
     full_s, reduced = statistics.median(full), statistics.median(times)
@@ -270,6 +272,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="full vs reduced prefill time and peak memory against visual tokens (576..9216; divprune, fastv; keep 0.25)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.md/.json/.png")
+    parser.add_argument(
+        "--knob",
+        action="append",
+        default=[],
+        metavar="METHOD.NAME=VALUE",
+        help="method knob, e.g. prunevid.selected_layer=2 (repeatable; a layer knob must fit --layers)",
+    )
 
 
 def resolve(args) -> argparse.Namespace:
@@ -297,6 +306,9 @@ def resolve(args) -> argparse.Namespace:
             raise ValueError(f"unknown method {name!r} for --methods; registered: {list_reducers()}")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    from .command import parse_knobs
+
+    args.knobs = parse_knobs(getattr(args, "knob", []))
     return args
 
 
@@ -365,7 +377,16 @@ def run(args) -> int:
                     continue
                 for keep in args.keep:
                     row = bench_cell(
-                        name, model, prompt, base, method, keep, args.repeats, args.decode_tokens, args.machine
+                        name,
+                        model,
+                        prompt,
+                        base,
+                        method,
+                        keep,
+                        args.repeats,
+                        args.decode_tokens,
+                        args.machine,
+                        args.knobs.get(method),
                     )
                     rows.append(row)
                     print("| " + " | ".join(row.cells()) + " |", file=sys.stderr, flush=True)

@@ -98,7 +98,8 @@ def _keep(text: str):
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
-def _knobs(specs: list[str]) -> dict[str, dict]:
+def parse_knobs(specs: list[str]) -> dict[str, dict]:
+    """``["fastv.layer=3", ...]`` -> ``{"fastv": {"layer": 3}}`` (values read as YAML scalars)."""
     import yaml
 
     knobs: dict[str, dict] = {}
@@ -123,7 +124,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         if sep:
             given["data"] = data
     if "knob" in given:
-        given["knobs"] = _knobs(given.pop("knob"))
+        given["knobs"] = parse_knobs(given.pop("knob"))
     if path is not None:
         return EvalConfig.from_yaml(path, **given)
     return EvalConfig.from_dict(given, source="command line")

@@ -11,7 +11,8 @@ from torch import Tensor
 from ..base import Reducer, check_range
 from ..context import TokenContext
 from ..registry import register_reducer
-from ..selection import Selection, check_count
+from ..selection import Selection, budget, check_count
+from ..stages import LayerPrune
 
 
 def dpc_knn(x: Tensor, clusters: int, knn: int = 7) -> tuple[Tensor, Tensor]:
@@ -261,10 +262,59 @@ def regained_tokens(frames: Tensor, segments: list[int], tau: float) -> Tensor:
     return torch.cat(gains)[order].cumsum(0)
 
 
+def llm_parts(earlier: Selection, grid: tuple[int, int, int]) -> Tensor:
+    """(K0,) long part of each pre-LLM output of one clip (``earlier``: Selection of batch one of its t * h * w grid
+    tokens, with merge groups). A token whose group spans several frames is a static token of the segment that starts
+    at its first frame; the others are dynamic tokens of their frame. Parts are numbered in (frame, dynamic before
+    static) order."""
+    k0, n = earlier.num_kept, earlier.num_tokens
+    groups = earlier.groups()[0]
+    device = groups.device
+    frame = torch.div(torch.arange(n, device=device), grid[1] * grid[2], rounding_mode="floor")
+    member = groups >= 0
+    slot, frame = groups[member], frame[member]
+    first = torch.full((k0,), n, device=device).scatter_reduce(0, slot, frame, "amin")
+    last = torch.full((k0,), -1, device=device).scatter_reduce(0, slot, frame, "amax")
+    return torch.unique(first * 2 + (last > first).long(), return_inverse=True)[1]
+
+
+def top_per_part(attention: Tensor, part: Tensor, quota: Tensor) -> Tensor:
+    """(1, K0) attention, (K0,) part ids, (P,) tokens kept per part -> (1, sum(quota)) indices of each part's most
+    attended tokens (ties to the lower index), ascending."""
+    k0 = part.numel()
+    order = torch.sort(attention[0].float(), descending=True, stable=True).indices
+    order = order[torch.sort(part[order], stable=True).indices]  # by part, each by descending attention
+    sizes = torch.bincount(part, minlength=quota.numel())
+    rank = torch.arange(k0, device=part.device) - (torch.cumsum(sizes, 0) - sizes)[part[order]]
+    return order[rank < quota.to(part.device)[part[order]]].sort().values[None]
+
+
+def prunevid_llm_keep(attention: Tensor, earlier: Selection, grid: tuple[int, int, int], k: int) -> Tensor:
+    """PruneVid inside the LLM: keep the k tokens most attended by the question, part by part.
+
+    The tokens are the K0 pre-LLM outputs of one clip (``earlier``); each part (:func:`llm_parts`: a segment's
+    static tokens, a frame's dynamic tokens) keeps its share of k in proportion to its size (:func:`allot`), the
+    reference's ``int(m * alpha)`` per part made exact.
+
+    Args:
+        attention: (1, K0) float32 attention of the question to the tokens.
+        earlier: the pre-LLM Selection of batch one.
+        grid: the clip's (t, h, w).
+        k: tokens kept, <= K0.
+
+    Returns:
+        (1, k) long indices into the K0 tokens, ascending.
+    """
+    part = llm_parts(earlier, grid).to(attention.device)
+    quota = torch.tensor(allot(torch.bincount(part).tolist(), k), device=attention.device)
+    return top_per_part(attention, part, quota)
+
+
 @register_reducer("prunevid")
 @dataclass
 class PruneVidReducer(Reducer):
-    """PruneVid: merge static tokens across the frames of temporal segments, then cluster tokens per part (DPC-kNN).
+    """PruneVid: merge static tokens across the frames of temporal segments and cluster tokens per part (DPC-kNN)
+    before the LLM, then keep the tokens most attended by the question inside it.
 
     Before the LLM, on the (t, h, w) grid of a video span: frames are grouped into temporal segments (DPC-kNN on
     frame means, refined into contiguous runs); in each segment the positions that stay similar over its frames
@@ -272,33 +322,43 @@ class PruneVidReducer(Reducer):
     frame's remaining dynamic tokens, are merged into DPC-kNN cluster means (:func:`prunevid_merge`). An image (or
     a one-frame grid) is one dynamic part: spatial clustering only. A span without a grid is one frame.
 
-    Budget: exactly ``k`` tokens per span, split over the parts in proportion to their sizes. The reference's
-    cluster count (``int(m * cluster_ratio)``, 0.5, for parts above 14 tokens) makes the output size depend on the
-    clip; here the share comes from ``keep`` instead, and every part is clustered. The default ``keep=0.2`` is the
-    reference's end-to-end share of a clip without static tokens (``cluster_ratio`` 0.5 before the LLM times
-    ``alpha`` 0.4 inside it).
+    Inside the LLM (``alpha`` < 1): after decoder layer ``selected_layer`` the attention of every prompt token after
+    the span (the question) to the span's tokens, max over heads and over those tokens, picks the kept ``alpha``
+    share of every part (a segment's static tokens, a frame's dynamic tokens; :func:`prunevid_llm_keep`); layers
+    > ``selected_layer`` run on them. Kept tokens keep their original positions (``positions="original"`` only).
 
-    Not implemented: the reference's second stage inside the LLM (after decoder layer ``selected_layer``, 10, keep
-    the ``alpha`` share, 0.4, of each part's tokens most attended by the question: max over heads and question
-    tokens; it also cuts the KV cache of the earlier layers). Here the whole budget is met before the LLM.
+    Budget: ``keep`` is the final share: ``k = budget(N, keep)`` tokens per span after both stages, of which the
+    pre-LLM stage leaves ``budget(N, keep / alpha)`` (what ``select`` and ``num_kept`` give), split over the parts in
+    proportion to their sizes; the LLM stage splits k the same way. The reference's counts are per part
+    (``int(m * cluster_ratio)`` clusters, ``cluster_ratio`` 0.5, for parts above 14 tokens; ``int(m * alpha)`` kept
+    inside the LLM), so its output size depends on the clip; here it is exact, and every part is clustered. The
+    default ``keep=0.2`` is the reference's share of a clip without static tokens (0.5 before the LLM, times
+    ``alpha`` 0.4).
 
     Deviations: density ties in DPC-kNN go to the lower index instead of random noise of 1e-6; the temporal
     clustering asks for at least one cluster (the reference's ``int(T * 0.25)`` is 0, and fails, below 4 frames);
-    per-sample segments (the reference reuses sample 0's); outputs in original order (see :func:`prunevid_merge`).
+    per-sample segments (the reference reuses sample 0's); outputs in original order (see :func:`prunevid_merge`);
+    layers up to ``selected_layer`` keep the pruned tokens in their KV cache (the reference cuts those caches too,
+    so that decode steps there see only the kept tokens; prefill outputs are the same).
 
-    Based on PruneVid (Huang et al., ACL 2025, arXiv 2412.16117; reference code Visual-AI/PruneVid).
+    Based on PruneVid (Huang et al., ACL 2025, arXiv 2412.16117; reference code Visual-AI/PruneVid, defaults from
+    its scripts/eval.sh).
 
     Args:
-        keep: tokens kept per span (default 0.2).
+        keep: tokens kept per span in the end (default 0.2).
         tau: static threshold on the mean pairwise cosine (default 0.8).
         temporal_segment_ratio: temporal clusters per frame (default 0.25).
         knn: neighbours of the DPC-kNN density (default 7).
+        alpha: share kept inside the LLM (default 0.4; 1.0: no LLM stage, the whole budget is met before it).
+        selected_layer: decoder layer whose attention chooses; later layers run on the kept tokens (default 10).
     """
 
     keep: float | int = 0.2
     tau: float = 0.8
     temporal_segment_ratio: float = 0.25
     knn: int = 7
+    alpha: float = 0.4
+    selected_layer: int = 10
     stage: ClassVar[str] = "pre_llm"
 
     def __post_init__(self):
@@ -306,6 +366,41 @@ class PruneVidReducer(Reducer):
         check_range("tau", self.tau, -1.0, 1.0)
         check_range("temporal_segment_ratio", self.temporal_segment_ratio, 0.0, 1.0)
         check_range("knn", self.knn, 1, 1 << 20, integer=True)
+        check_range("alpha", self.alpha, 1e-6, 1.0)
+        check_range("selected_layer", self.selected_layer, 0, 1023, integer=True)
+        if self.alpha < 1.0 and self.positions != "original":
+            raise ValueError(f"prunevid with alpha < 1 needs positions='original', got {self.positions!r}")
+
+    def pre_llm_keep(self) -> float | int:
+        """The pre-LLM budget: ``keep / alpha`` (a share up to 1, or a count)."""
+        if isinstance(self.keep, int):
+            return max(1, round(self.keep / self.alpha))
+        return min(1.0, self.keep / self.alpha)
+
+    def num_kept(self, n: int, grid=None) -> int:
+        return budget(n, self.pre_llm_keep())
+
+    def in_llm(self) -> LayerPrune | None:
+        if self.alpha >= 1.0 or self.is_identity():
+            return None
+        return LayerPrune(
+            layer=self.selected_layer + 1,
+            queries=0,
+            question=True,
+            select=self.select_in_llm,
+            knob="selected_layer + 1",
+        )
+
+    def select_in_llm(self, tokens: Tensor, ctx: TokenContext) -> Selection:
+        """The choice inside the LLM: (1, K0, C) pre-LLM outputs -> Selection of ``budget(N, keep)`` of them."""
+        attention = ctx.require("attention", self.name)
+        earlier = ctx.require("earlier", self.name)
+        k0 = tokens.shape[1]
+        k = budget(earlier.num_tokens, self.keep)
+        if k >= k0:
+            return Selection.identity(tokens.shape[0], k0, tokens.device)
+        grid = ctx.grid if ctx.grid is not None else (1, 1, earlier.num_tokens)
+        return Selection(index=prunevid_llm_keep(attention, earlier, grid, k), num_tokens=k0)
 
     def _select(self, tokens: Tensor, k: int, ctx: TokenContext) -> Selection:
         if ctx.protected:
