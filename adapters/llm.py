@@ -13,6 +13,13 @@ Layers < K keep their full cache, layers >= K only the kept tokens, so ``cache.g
 still reports the full length, which is what the model-level mask of layers < K needs. Decode steps: layers
 >= K get a mask built against their own (shorter) cache by the model's ``create_causal_mask(..., layer_idx=K)``.
 
+A "pre_llm" reducer whose ``in_llm`` gives a LayerPrune prunes twice: the session keeps its spans after the
+pre-LLM reduction (positions of the kept tokens in the shortened sequence, the pre-LLM Selection in ``run.earlier``),
+layer K's pre-hook chooses among those tokens with the LayerPrune's ``select`` and records both choices as one
+Selection of the span (original numbering), and ``state.extra["layer_lengths"]`` gives every layer's length.
+With ``question`` the score is the max over heads and over the question tokens (the non-visual prompt tokens after
+the span) of their attention at layer K-1, computed from their queries and the layer's keys.
+
 When the reducer re-selects at every decode step, nothing is removed: layers >= K keep the full sequence and
 cache and run with a mask that hides the visual tokens not chosen. At every decode step layer K-1's post-hook
 computes the new query's attention row over that layer's whole cache, layer K's pre-hook selects again per
@@ -181,7 +188,8 @@ class LayerPruning:
         n_layers = len(lm.layers)
         if not 1 <= self.k < n_layers:
             raise ValueError(
-                f"{self.reducer.name}: {plan.knob} must be in [1, {n_layers - 1}] for this model, got {self.k}"
+                f"{self.reducer.name}: {plan.knob} must be in [{1 - plan.knob_offset}, "
+                f"{n_layers - 1 - plan.knob_offset}] for this model, got {self.k - plan.knob_offset}"
             )
         self.queries = plan.queries
         self.needs_attention = plan.queries > 0 or plan.question

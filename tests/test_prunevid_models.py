@@ -188,6 +188,6 @@ def test_llm_stage_needs_original_positions_and_a_layer_in_range(llava):
     with pytest.raises(ValueError, match="positions='original'"):
         tokreduce.get_reducer("prunevid", keep=0.25, positions="compact")
     tokreduce.get_reducer("prunevid", keep=0.25, alpha=1.0, positions="compact")  # no LLM stage: fine
-    with pytest.raises(ValueError, match="selected_layer"):
+    with pytest.raises(ValueError, match=r"selected_layer must be in \[0, 2\] for this model, got 3"):
         with tokreduce.get_reducer("prunevid", keep=0.25, selected_layer=3)(llava):
             pass

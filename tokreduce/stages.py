@@ -56,7 +56,9 @@ class LayerPrune:
             (whose own ``select`` acted before the LLM); None: the reducer's ``select``. Its ``ctx.earlier`` is the
             span's pre-LLM Selection (in the span's original numbering; the n tokens are its outputs) and
             ``ctx.grid`` the span's original grid. Needs ``positions="original"``.
-        knob: the method's name for ``layer`` in error messages.
+        knob: the method's name for ``layer`` in error messages (and the demo's layer slider).
+        knob_offset: the knob's value is ``layer - knob_offset`` (PruneVid's ``selected_layer`` names the layer whose
+            attention chooses, K - 1: offset 1).
     """
 
     layer: int
@@ -68,6 +70,7 @@ class LayerPrune:
     question: bool = False
     select: Callable[[Tensor, TokenContext], Selection] | None = None
     knob: str = "layer"
+    knob_offset: int = 0
 
 
 @dataclass(frozen=True)

@@ -388,7 +388,8 @@ class PruneVidReducer(Reducer):
             queries=0,
             question=True,
             select=self.select_in_llm,
-            knob="selected_layer + 1",
+            knob="selected_layer",
+            knob_offset=1,
         )
 
     def select_in_llm(self, tokens: Tensor, ctx: TokenContext) -> Selection:
