@@ -208,7 +208,7 @@ def reduce_features(
             record_span(state, span, selection, stage, int(span.positions[0]))
             if selection.is_identity:
                 continue
-            values = reducer.apply(tokens, selection)  # the method's own aggregation of merged tokens
+            values = reducer.apply(tokens, selection, ctx=ctx)  # the method's own aggregation of merged tokens
             edits.write(span, offsets, selection.index[0], values[0])
     return edits.finish(placed, stays)
 

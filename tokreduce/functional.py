@@ -3,6 +3,7 @@
 from .methods.dart import dart
 from .methods.divprune import divprune
 from .methods.dycoke import dycoke_keep_mask, dycoke_kv_select, dycoke_ttm
+from .methods.ficoco import ficoco, ficoco_compress, ficoco_select
 from .methods.framefusion import frame_merge
 from .methods.pool import pool_assignment
 from .methods.prunevid import dpc_knn, prunevid_merge, refine_labels, temporal_segments
@@ -21,6 +22,9 @@ __all__ = [
     "dycoke_keep_mask",
     "dycoke_kv_select",
     "dycoke_ttm",
+    "ficoco",
+    "ficoco_compress",
+    "ficoco_select",
     "frame_merge",
     "parse_r",
     "pool_assignment",

@@ -184,9 +184,12 @@ class LayerScore:
             with the patches, does not enter the budget). The returned reducer declares its own ``LayerScore``.
         summaries: ``(selection, ctx) -> (B, K) bool``, the kept tokens that summarise others (merged tokens) and
             go after the rest; None: every kept token stands for itself.
+        logits: also hand over that layer's pre-softmax attention logits, mean over heads, as
+            ``TokenContext.logits`` (the CLS token's row first where the encoder has one).
     """
 
     layer: int | None
     keep_cls: bool
     for_rows: Callable[[int, int], object]
     summaries: Callable[[Selection, TokenContext], Tensor] | None = None
+    logits: bool = False

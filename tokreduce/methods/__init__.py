@@ -8,6 +8,7 @@ from .dart import DART, DARTReducer
 from .divprune import DivPrune, DivPruneReducer
 from .dycoke import DyCoke, DyCokeReducer
 from .fastv import FastV, FastVReducer
+from .ficoco import FiCoCo, FiCoCoReducer
 from .framefusion import FrameFusion, FrameFusionReducer
 from .pool import Pool, PoolReducer
 from .prunevid import PruneVid, PruneVidReducer
