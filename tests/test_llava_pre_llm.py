@@ -8,7 +8,7 @@ import tokreduce
 from tokreduce import TokenContext
 from tokreduce.adapters.compat import encoder_output
 
-PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke"]
+PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke", "cdpruner", "pitome"]
 ALL = tokreduce.list_reducers()
 
 
@@ -42,9 +42,10 @@ def test_matches_hand_built_reference(llava, name):
         ids = inputs["input_ids"][0]
         keep = torch.ones_like(ids, dtype=torch.bool)
         starts = (ids == IMAGE_TOKEN).nonzero().squeeze(-1).view(2, 16)[:, 0]
+        instruction = llava.get_input_embeddings()(ids[ids != IMAGE_TOKEN])[None]  # every text token of the prompt
         reduced = []
         for j, (f, start) in enumerate(zip(feats, starts, strict=True)):
-            selection = reducer.select(f[None], TokenContext(grid=(1, 4, 4), span=j))
+            selection = reducer.select(f[None], TokenContext(grid=(1, 4, 4), span=j, instruction=instruction))
             reduced.append(selection.merge(f[None])[0])
             drop = torch.ones(16, dtype=torch.bool)
             drop[selection.index[0]] = False
@@ -62,7 +63,7 @@ def test_matches_hand_built_reference(llava, name):
     assert [len(s.index) for s in state.selections[0]] == [len(r) for r in reduced]
 
 
-@pytest.mark.parametrize("name", ["divprune", "random", "tome"])
+@pytest.mark.parametrize("name", ["divprune", "random", "tome", "cdpruner", "pitome"])
 def test_ragged_batch_equals_single_runs(llava, name):
     counts = (1, 3, 2)
     inputs = llava_inputs(counts, seed=5)

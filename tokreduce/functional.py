@@ -1,9 +1,11 @@
 """The pure token-reduction algorithms, usable on plain tensors (no model, no hooks)."""
 
+from .methods.cdpruner import cdpruner, dpp_greedy
 from .methods.dart import dart
 from .methods.divprune import divprune
 from .methods.dycoke import dycoke_keep_mask, dycoke_kv_select, dycoke_ttm
 from .methods.framefusion import frame_merge
+from .methods.pitome import pitome, pitome_matching
 from .methods.pool import pool_assignment
 from .methods.random import random_scores
 from .methods.tome import bipartite_soft_matching, parse_r, tome
@@ -14,13 +16,17 @@ from .selection import budget
 __all__ = [
     "bipartite_soft_matching",
     "budget",
+    "cdpruner",
     "dart",
     "divprune",
+    "dpp_greedy",
     "dycoke_keep_mask",
     "dycoke_kv_select",
     "dycoke_ttm",
     "frame_merge",
     "parse_r",
+    "pitome",
+    "pitome_matching",
     "pool_assignment",
     "random_scores",
     "tome",
