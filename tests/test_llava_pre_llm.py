@@ -129,7 +129,8 @@ def test_unsupported_model_type_is_refused():
 
 
 @pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision", "llava_next_video"])
-def test_anyres_and_video_families(model_type):
+@pytest.mark.parametrize("name", ["uniform", "cdpruner", "pitome"])
+def test_anyres_and_video_families(model_type, name):
     """Newline tokens survive, each grid is reduced to its budget, pixels and generate() paths agree."""
     from conftest import anyres_inputs
 
@@ -137,9 +138,9 @@ def test_anyres_and_video_families(model_type):
     inputs = anyres_inputs(model, seed=1)
     with torch.no_grad():
         ref = model(**inputs).logits
-        with tokreduce.get_reducer("uniform", keep=1.0)(model):
+        with tokreduce.get_reducer(name, keep=1.0)(model):
             assert torch.equal(model(**inputs).logits, ref)
-        with tokreduce.get_reducer("uniform", keep=0.5)(model) as state:
+        with tokreduce.get_reducer(name, keep=0.5)(model) as state:
             out = model(**inputs).logits
             sel_forward = [[(s.grid, s.index.tolist()) for s in row] for row in state.selections]
             model.generate(**inputs, max_new_tokens=2, do_sample=False)

@@ -146,7 +146,7 @@ def test_positions_types_and_rope_deltas_follow_the_kept_tokens(qwen_models, mod
 
 @pytest.mark.parametrize("model_type", QWEN_TYPES)
 @pytest.mark.parametrize("policy", ["original", "compact"])
-@pytest.mark.parametrize("name", ["uniform", "divprune"])
+@pytest.mark.parametrize("name", ["uniform", "divprune", "cdpruner", "pitome"])
 def test_generate_equals_manual_reference_with_explicit_positions(qwen_models, model_type, policy, name):
     """generate() == greedy decoding of the hand-reduced inputs with explicit position ids at every step."""
     model = qwen_models(model_type)

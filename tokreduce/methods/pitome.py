@@ -125,7 +125,8 @@ class PiToMeReducer(MergeReducer):
     attention without sizes), attention is not proportional. ``keep`` may be given instead of ``ratio``: the
     patch tokens left after the last block, spread evenly. The reference's Hugging Face CLIP patch (retrieval
     experiments) differs (hidden states as the metric, ToMe's matching in blocks <= 12, plain means); the timm
-    path is the one followed for every encoder here.
+    path is the one followed for every encoder here. In a VLM's tower the blocks are those up to the layer whose
+    output the model uses (LLaVA: the penultimate), and the margin schedule runs over them.
 
     Before the language model (``stage="pre_llm"``, default) the energy-restricted step runs on the projected
     tokens (margin 0.5, the reference function's default, unless ``margin`` is set), repeated until ``keep`` is
