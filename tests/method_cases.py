@@ -16,13 +16,14 @@ def full_context(x: torch.Tensor, grid, seed: int = 0) -> TokenContext:
         keys=torch.randn(b, n, 8, generator=g),
         text_hidden=torch.randn(b, 5, c, generator=g),
         text_keys=torch.randn(b, 5, 8, generator=g),
+        instruction=torch.randn(b, 6, c, generator=g),
     )
 
 
 def row(ctx: TokenContext, i: int) -> TokenContext:
     """The context of sample i alone."""
     fields = {}
-    for name in ("attention", "metric", "size", "keys", "text_hidden", "text_keys"):
+    for name in ("attention", "metric", "size", "keys", "text_hidden", "text_keys", "instruction"):
         value = getattr(ctx, name)
         fields[name] = None if value is None else value[i : i + 1]
     return TokenContext(grid=ctx.grid, protected=ctx.protected, span=ctx.span, **fields)

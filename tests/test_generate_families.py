@@ -92,7 +92,7 @@ def reference_decode(model, embeds, keep, first_layer: int, steps: int) -> tuple
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-@pytest.mark.parametrize("method", ["divprune", "fastv", "vidcom2", "evs"])
+@pytest.mark.parametrize("method", ["divprune", "fastv", "vidcom2", "evs", "cdpruner"])
 def test_generate_equals_no_cache_decode_of_reduced_input(models, model_type, method):
     model = models(model_type)
     inputs = prompt(model, model_type)

@@ -8,7 +8,7 @@ import tokreduce
 from tokreduce import TokenContext
 from tokreduce.adapters.compat import encoder_output
 
-PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs"]
+PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs", "cdpruner", "pitome"]
 ALL = tokreduce.list_reducers()
 
 
@@ -42,9 +42,10 @@ def test_matches_hand_built_reference(llava, name):
         ids = inputs["input_ids"][0]
         keep = torch.ones_like(ids, dtype=torch.bool)
         starts = (ids == IMAGE_TOKEN).nonzero().squeeze(-1).view(2, 16)[:, 0]
+        instruction = llava.get_input_embeddings()(ids[ids != IMAGE_TOKEN])[None]  # every text token of the prompt
         reduced = []
         for j, (f, start) in enumerate(zip(feats, starts, strict=True)):
-            selection = reducer.select(f[None], TokenContext(grid=(1, 4, 4), span=j))
+            selection = reducer.select(f[None], TokenContext(grid=(1, 4, 4), span=j, instruction=instruction))
             reduced.append(selection.merge(f[None])[0])
             drop = torch.ones(16, dtype=torch.bool)
             drop[selection.index[0]] = False
@@ -62,7 +63,7 @@ def test_matches_hand_built_reference(llava, name):
     assert [len(s.index) for s in state.selections[0]] == [len(r) for r in reduced]
 
 
-@pytest.mark.parametrize("name", ["divprune", "random", "tome"])
+@pytest.mark.parametrize("name", ["divprune", "random", "tome", "cdpruner", "pitome"])
 def test_ragged_batch_equals_single_runs(llava, name):
     counts = (1, 3, 2)
     inputs = llava_inputs(counts, seed=5)
@@ -128,7 +129,8 @@ def test_unsupported_model_type_is_refused():
 
 
 @pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision", "llava_next_video"])
-def test_anyres_and_video_families(model_type):
+@pytest.mark.parametrize("name", ["uniform", "cdpruner", "pitome"])
+def test_anyres_and_video_families(model_type, name):
     """Newline tokens survive, each grid is reduced to its budget, pixels and generate() paths agree."""
     from conftest import anyres_inputs
 
@@ -136,9 +138,9 @@ def test_anyres_and_video_families(model_type):
     inputs = anyres_inputs(model, seed=1)
     with torch.no_grad():
         ref = model(**inputs).logits
-        with tokreduce.get_reducer("uniform", keep=1.0)(model):
+        with tokreduce.get_reducer(name, keep=1.0)(model):
             assert torch.equal(model(**inputs).logits, ref)
-        with tokreduce.get_reducer("uniform", keep=0.5)(model) as state:
+        with tokreduce.get_reducer(name, keep=0.5)(model) as state:
             out = model(**inputs).logits
             sel_forward = [[(s.grid, s.index.tolist()) for s in row] for row in state.selections]
             model.generate(**inputs, max_new_tokens=2, do_sample=False)

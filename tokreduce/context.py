@@ -24,6 +24,8 @@ class TokenContext:
         keys: (B, N, D) key states of the visual tokens at an LLM layer (DART pivots).
         text_hidden: (B, M, C) hidden states of the text tokens at that layer (DART text pivots).
         text_keys: (B, M, D) key states of the text tokens at that layer.
+        instruction: (B, M, C) the language model's input embeddings of the prompt's text tokens (served before the
+            language model to reducers that declare it, :class:`tokreduce.stages.PreLLMInputs`).
         span: index of this span within its sample; decorrelates seeded methods across spans.
     """
 
@@ -35,6 +37,7 @@ class TokenContext:
     keys: Tensor | None = None
     text_hidden: Tensor | None = None
     text_keys: Tensor | None = None
+    instruction: Tensor | None = None
     span: int = 0
 
     def require(self, name: str, method: str) -> Tensor:

@@ -1,10 +1,12 @@
 """The pure token-reduction algorithms, usable on plain tensors (no model, no hooks)."""
 
+from .methods.cdpruner import cdpruner, dpp_greedy
 from .methods.dart import dart
 from .methods.divprune import divprune
 from .methods.dycoke import dycoke_keep_mask, dycoke_kv_select, dycoke_ttm
 from .methods.evs import evs, evs_dissimilarity, evs_retained_count
 from .methods.framefusion import frame_merge
+from .methods.pitome import pitome, pitome_matching
 from .methods.pool import pool_assignment
 from .methods.random import random_scores
 from .methods.tome import bipartite_soft_matching, parse_r, tome
@@ -16,8 +18,10 @@ from .selection import budget
 __all__ = [
     "bipartite_soft_matching",
     "budget",
+    "cdpruner",
     "dart",
     "divprune",
+    "dpp_greedy",
     "dycoke_keep_mask",
     "dycoke_kv_select",
     "dycoke_ttm",
@@ -26,6 +30,8 @@ __all__ = [
     "evs_retained_count",
     "frame_merge",
     "parse_r",
+    "pitome",
+    "pitome_matching",
     "pool_assignment",
     "random_scores",
     "tome",

@@ -4,12 +4,14 @@ Adding a method: its file (the pure function, its Reducer dataclass registered u
 paper-name alias) and one line here; ``tokreduce`` exports whatever this package exports.
 """
 
+from .cdpruner import CDPruner, CDPrunerReducer
 from .dart import DART, DARTReducer
 from .divprune import DivPrune, DivPruneReducer
 from .dycoke import DyCoke, DyCokeReducer
 from .evs import EVS, EVSReducer
 from .fastv import FastV, FastVReducer
 from .framefusion import FrameFusion, FrameFusionReducer
+from .pitome import PiToMe, PiToMeReducer
 from .pool import Pool, PoolReducer
 from .random import Random, RandomReducer
 from .tome import ToMe, ToMeReducer
