@@ -3,6 +3,7 @@
 from .methods.dart import dart
 from .methods.divprune import divprune
 from .methods.dycoke import dycoke_keep_mask, dycoke_kv_select, dycoke_ttm
+from .methods.fastvid import density_peak_scores, dynamic_segments, fastvid, frame_quotas
 from .methods.framefusion import frame_merge
 from .methods.pool import pool_assignment
 from .methods.random import random_scores
@@ -15,11 +16,15 @@ __all__ = [
     "bipartite_soft_matching",
     "budget",
     "dart",
+    "density_peak_scores",
     "divprune",
     "dycoke_keep_mask",
     "dycoke_kv_select",
     "dycoke_ttm",
+    "dynamic_segments",
+    "fastvid",
     "frame_merge",
+    "frame_quotas",
     "parse_r",
     "pool_assignment",
     "random_scores",

@@ -8,6 +8,7 @@ from .dart import DART, DARTReducer
 from .divprune import DivPrune, DivPruneReducer
 from .dycoke import DyCoke, DyCokeReducer
 from .fastv import FastV, FastVReducer
+from .fastvid import FastVID, FastVIDReducer
 from .framefusion import FrameFusion, FrameFusionReducer
 from .pool import Pool, PoolReducer
 from .random import Random, RandomReducer
