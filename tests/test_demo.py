@@ -82,14 +82,14 @@ def test_image_overlay_shows_both_spans(session):
     assert c.overlay.size == (2 * TILE + 8, TILE + CAPTION)  # base view and crop, side by side
 
 
-@pytest.mark.parametrize("method", ["uniform", "fastvid"])
-def test_video_overlay_is_a_frame_grid(session, method):
+@pytest.mark.parametrize("method, keep", [("uniform", 0.5), ("fastvid", 0.5), ("holitom", 0.25)])
+def test_video_overlay_is_a_frame_grid(session, method, keep):
     media, question = example(session, "video")
     assert len(media.frames) == session.limits.frames
-    c = session.compare(media, question, method, keep=0.5)
+    c = session.compare(media, question, method, keep=keep)
     assert [s.grid for s in c.selections] == [(8, 3, 3)]
     assert c.overlay.size == (4 * TILE + 3 * 4, 2 * TILE + 4 + CAPTION)  # 4 x 2 frames
-    assert c.tokens_out == 36
+    assert c.tokens_out == round(72 * keep)
     s = c.selections[0]
     group, merged = token_roles(s.num_tokens, s.index, s.assign)
     assert merged.any() == (method != "uniform")  # merge methods show their groups on the mosaic

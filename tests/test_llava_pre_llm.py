@@ -8,7 +8,7 @@ import tokreduce
 from tokreduce import TokenContext
 from tokreduce.adapters.compat import encoder_output
 
-PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke", "fastvid"]
+PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke", "fastvid", "holitom"]
 ALL = tokreduce.list_reducers()
 
 
@@ -62,7 +62,7 @@ def test_matches_hand_built_reference(llava, name):
     assert [len(s.index) for s in state.selections[0]] == [len(r) for r in reduced]
 
 
-@pytest.mark.parametrize("name", ["divprune", "random", "tome", "fastvid"])
+@pytest.mark.parametrize("name", ["divprune", "random", "tome", "fastvid", "holitom"])
 def test_ragged_batch_equals_single_runs(llava, name):
     counts = (1, 3, 2)
     inputs = llava_inputs(counts, seed=5)
@@ -127,7 +127,7 @@ def test_unsupported_model_type_is_refused():
             pass
 
 
-@pytest.mark.parametrize("method", ["uniform", "fastvid"])
+@pytest.mark.parametrize("method", ["uniform", "fastvid", "holitom"])
 @pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision", "llava_next_video"])
 def test_anyres_and_video_families(model_type, method):
     """Newline tokens survive, each grid is reduced to its budget, pixels and generate() paths agree."""

@@ -7,7 +7,7 @@ import pytest
 import tokreduce
 from tokreduce import Reducer, get_reducer, list_reducers, register_reducer
 
-EXPECTED = {"random", "uniform", "pool", "tome", "visionzip", "divprune", "fastv", "dart", "dycoke", "framefusion", "fastvid"}
+EXPECTED = {"random", "uniform", "pool", "tome", "visionzip", "divprune", "fastv", "dart", "dycoke", "framefusion", "fastvid", "holitom"}
 
 
 def test_every_method_is_registered():

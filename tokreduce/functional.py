@@ -5,6 +5,7 @@ from .methods.divprune import divprune
 from .methods.dycoke import dycoke_keep_mask, dycoke_kv_select, dycoke_ttm
 from .methods.fastvid import density_peak_scores, dynamic_segments, fastvid, frame_quotas
 from .methods.framefusion import frame_merge
+from .methods.holitom import cluster_merge, holitom, largest_remainder, static_windows
 from .methods.pool import pool_assignment
 from .methods.random import random_scores
 from .methods.tome import bipartite_soft_matching, parse_r, tome
@@ -15,6 +16,7 @@ from .selection import budget
 __all__ = [
     "bipartite_soft_matching",
     "budget",
+    "cluster_merge",
     "dart",
     "density_peak_scores",
     "divprune",
@@ -25,9 +27,12 @@ __all__ = [
     "fastvid",
     "frame_merge",
     "frame_quotas",
+    "holitom",
+    "largest_remainder",
     "parse_r",
     "pool_assignment",
     "random_scores",
+    "static_windows",
     "tome",
     "uniform_indices",
     "visionzip",

@@ -10,6 +10,7 @@ from .dycoke import DyCoke, DyCokeReducer
 from .fastv import FastV, FastVReducer
 from .fastvid import FastVID, FastVIDReducer
 from .framefusion import FrameFusion, FrameFusionReducer
+from .holitom import HoliTom, HoliTomReducer
 from .pool import Pool, PoolReducer
 from .random import Random, RandomReducer
 from .tome import ToMe, ToMeReducer

@@ -46,14 +46,15 @@ class MixedSelection(Selection):
 
 
 def frame_saliency(frames: Tensor) -> Tensor:
-    """(T, n, C) -> (T, n): softmax over each frame of <frame mean, token> / sqrt(C), in float32.
+    """(T, n, C) -> (T, n): 1 - cos(token, its frame's mean token), in float32; higher is more salient.
 
-    The stand-in for the encoder attention FastVID ranks salient tokens by when only the tokens are at hand: the
-    reference's Qwen2.5-VL code lets each frame's mean query attend to its tokens in the ViT's last block.
+    The stand-in for the encoder attention FastVID ranks salient tokens by, when only the projected tokens are at
+    hand: an attention-pooling query attends to what stands out of a frame. (Attention of the frame's mean token
+    over the raw tokens, without the encoder's query and key projections, ranks the most average tokens, the
+    background, highest instead.)
     """
     x = frames.float()
-    logits = (x.mean(1, keepdim=True) * x).sum(-1) / x.shape[-1] ** 0.5
-    return logits.softmax(dim=-1)
+    return 1 - torch.nn.functional.cosine_similarity(x, x.mean(1, keepdim=True), dim=-1)
 
 
 def dynamic_segments(global_features: Tensor, c: int, tau: float) -> list[int]:
@@ -224,8 +225,8 @@ class FastVIDReducer(Reducer):
 
     Saliency: the reference ranks by encoder attention (LLaVA-OneVision: the SigLIP attention-pooling head's
     attention, a module the checkpoint used with LLaVA does not carry; Qwen2.5-VL: each frame's mean query in the
-    ViT's last block). A wrapped model hands only the projected tokens to this stage, so the saliency is each
-    frame's mean token attending to its tokens (:func:`frame_saliency`), and the frame features of DySeg are the
+    ViT's last block). A wrapped model hands only the projected tokens to this stage, so the saliency is how far
+    a token stands from its frame's mean token (:func:`frame_saliency`), and the frame features of DySeg are the
     frames' mean tokens (the reference's Qwen2.5-VL choice; its LLaVA-OneVision code uses the pooling head's output).
     ``TokenContext.attention``, when given, is used instead.
 
@@ -263,16 +264,21 @@ class FastVIDReducer(Reducer):
         check_range("beta", self.beta, 0.0, 1.0)
 
     def _select(self, tokens: Tensor, k: int, ctx: TokenContext) -> Selection:
-        if ctx.protected:
-            raise ValueError("fastvid does not support protected tokens; pass the video tokens only")
-        b, n, _ = tokens.shape
-        t, h, w = ctx.grid or (1, 1, n)
-        rows = []
-        for i in range(b):  # segmentations differ per sample; the work inside is vectorised over tokens
-            attention = None if ctx.attention is None else ctx.attention[i]
-            frames = tokens[i].view(t, h * w, -1)
-            rows.append(fastvid(frames, k, attention, self.c, self.tau, self.d, self.p, self.beta))
-        return stack_mixed(rows)
+        knobs = (self.c, self.tau, self.d, self.p, self.beta)
+        return per_video(self.name, tokens, ctx, lambda frames, attention: fastvid(frames, k, attention, *knobs))
+
+
+def per_video(name: str, tokens: Tensor, ctx: TokenContext, run) -> MixedSelection:
+    """Run ``run(frames (t, h * w, C), attention (t * h * w,) or None)`` on every row of (B, N, C) ``tokens``.
+
+    Rows are done one at a time (their segmentations differ); the work inside is vectorised over tokens.
+    """
+    if ctx.protected:
+        raise ValueError(f"{name} does not support protected tokens; pass the video tokens only")
+    b, n, _ = tokens.shape
+    t, h, w = ctx.grid or (1, 1, n)
+    attention = [None] * b if ctx.attention is None else ctx.attention
+    return stack_mixed([run(tokens[i].view(t, h * w, -1), attention[i]) for i in range(b)])
 
 
 def stack_mixed(rows: list[MixedSelection]) -> MixedSelection:
