@@ -74,7 +74,19 @@ from .bench_models import (
 from .bench_plot import markdown, plot
 from .calibrate import calibrate
 
-DEFAULT_METHODS = ("random", "uniform", "pool", "tome", "divprune", "dycoke", "fastv", "dart", "framefusion")
+DEFAULT_METHODS = (
+    "random",
+    "uniform",
+    "pool",
+    "tome",
+    "divprune",
+    "dycoke",
+    "fastv",
+    "dart",
+    "framefusion",
+    "fastvid",
+    "holitom",
+)
 QUICK_METHODS = ("random", "divprune", "dycoke", "fastv")
 # 8 of 28 (Qwen2-VL-2B) / 24 (Qwen2-0.5B) layers keeps the default sweep in about 20 minutes on 1-2 CPU cores
 DEFAULT_LAYERS = 8
