@@ -233,7 +233,9 @@ class FastVIDReducer(Reducer):
     Budget: exactly ``keep`` of the span's tokens (the reference keeps ``int(n * ratio)`` per frame and floors
     each segment's context share, ending a little under); see :func:`frame_quotas` for how the count is spread.
     Deviation: no random 1e-6 jitter on densities (ties go to the lower index); an anchor frame asked for more
-    anchors than it has non-salient tokens hands the rest on as salient tokens (the reference fails there).
+    anchors than it has non-salient tokens hands the rest on as salient tokens (the reference fails there). The
+    reference's Qwen2.5-VL code is a variant (a second threshold that splits segments further, per-frame caps, the
+    salient share spread per segment); tokreduce follows its LLaVA-OneVision code on every model.
 
     Based on FastVID (Shen et al., "FastVID: Dynamic Density Pruning for Fast Video Large Language Models",
     arXiv 2503.11187; LunarShen/FastVID, fastvid_llavaonevision modeling_qwen2.py).
