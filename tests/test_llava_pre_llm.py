@@ -8,7 +8,7 @@ import tokreduce
 from tokreduce import TokenContext
 from tokreduce.adapters.compat import encoder_output
 
-PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs", "cdpruner", "pitome"]
+PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom"]
 ALL = tokreduce.list_reducers()
 
 
@@ -63,7 +63,7 @@ def test_matches_hand_built_reference(llava, name):
     assert [len(s.index) for s in state.selections[0]] == [len(r) for r in reduced]
 
 
-@pytest.mark.parametrize("name", ["divprune", "random", "tome", "cdpruner", "pitome"])
+@pytest.mark.parametrize("name", ["divprune", "random", "tome", "cdpruner", "pitome", "fastvid", "holitom"])
 def test_ragged_batch_equals_single_runs(llava, name):
     counts = (1, 3, 2)
     inputs = llava_inputs(counts, seed=5)
@@ -128,9 +128,9 @@ def test_unsupported_model_type_is_refused():
             pass
 
 
+@pytest.mark.parametrize("method", ["uniform", "cdpruner", "pitome", "fastvid", "holitom"])
 @pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision", "llava_next_video"])
-@pytest.mark.parametrize("name", ["uniform", "cdpruner", "pitome"])
-def test_anyres_and_video_families(model_type, name):
+def test_anyres_and_video_families(model_type, method):
     """Newline tokens survive, each grid is reduced to its budget, pixels and generate() paths agree."""
     from conftest import anyres_inputs
 
@@ -138,9 +138,9 @@ def test_anyres_and_video_families(model_type, name):
     inputs = anyres_inputs(model, seed=1)
     with torch.no_grad():
         ref = model(**inputs).logits
-        with tokreduce.get_reducer(name, keep=1.0)(model):
+        with tokreduce.get_reducer(method, keep=1.0)(model):
             assert torch.equal(model(**inputs).logits, ref)
-        with tokreduce.get_reducer(name, keep=0.5)(model) as state:
+        with tokreduce.get_reducer(method, keep=0.5)(model) as state:
             out = model(**inputs).logits
             sel_forward = [[(s.grid, s.index.tolist()) for s in row] for row in state.selections]
             model.generate(**inputs, max_new_tokens=2, do_sample=False)

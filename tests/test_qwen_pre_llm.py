@@ -18,7 +18,7 @@ import tokreduce
 from tokreduce import TokenContext
 from tokreduce.adapters.compat import cache_kwargs, output_cache
 
-PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs", "cdpruner", "pitome"]
+PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom"]
 ALL = tokreduce.list_reducers()
 ITEMS = [("image", (1, 4, 8)), ("video", (4, 4, 4))]  # one image (8 tokens) and one 4-frame video (16 tokens)
 
@@ -146,7 +146,7 @@ def test_positions_types_and_rope_deltas_follow_the_kept_tokens(qwen_models, mod
 
 @pytest.mark.parametrize("model_type", QWEN_TYPES)
 @pytest.mark.parametrize("policy", ["original", "compact"])
-@pytest.mark.parametrize("name", ["uniform", "divprune", "vidcom2", "evs", "cdpruner", "pitome"])
+@pytest.mark.parametrize("name", ["uniform", "divprune", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom"])
 def test_generate_equals_manual_reference_with_explicit_positions(qwen_models, model_type, policy, name):
     """generate() == greedy decoding of the hand-reduced inputs with explicit position ids at every step."""
     model = qwen_models(model_type)
@@ -216,7 +216,7 @@ def test_rope_deltas_continue_after_the_block(qwen_models, model_type):
 
 
 @pytest.mark.parametrize("model_type", QWEN_TYPES)
-@pytest.mark.parametrize("name", ["divprune", "tome", "vidcom2", "evs", "cdpruner", "pitome"])
+@pytest.mark.parametrize("name", ["divprune", "tome", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom"])
 def test_ragged_batch_equals_single_runs(qwen_models, model_type, name):
     model = qwen_models(model_type)
     samples = [[("image", (1, 4, 4))], ITEMS, [("video", (2, 4, 4)), ("image", (1, 4, 8))]]

@@ -20,6 +20,8 @@ EXPECTED = {
     "framefusion",
     "vidcom2",
     "evs",
+    "fastvid",
+    "holitom",
 }
 
 

@@ -5,7 +5,9 @@ from .methods.dart import dart
 from .methods.divprune import divprune
 from .methods.dycoke import dycoke_keep_mask, dycoke_kv_select, dycoke_ttm
 from .methods.evs import evs, evs_dissimilarity, evs_retained_count
+from .methods.fastvid import density_peak_scores, dynamic_segments, fastvid, frame_quotas
 from .methods.framefusion import frame_merge
+from .methods.holitom import cluster_merge, holitom, largest_remainder, static_windows
 from .methods.pitome import pitome, pitome_matching
 from .methods.pool import pool_assignment
 from .methods.random import random_scores
@@ -19,21 +21,29 @@ __all__ = [
     "bipartite_soft_matching",
     "budget",
     "cdpruner",
+    "cluster_merge",
     "dart",
+    "density_peak_scores",
     "divprune",
     "dpp_greedy",
     "dycoke_keep_mask",
     "dycoke_kv_select",
     "dycoke_ttm",
+    "dynamic_segments",
     "evs",
     "evs_dissimilarity",
     "evs_retained_count",
+    "fastvid",
     "frame_merge",
+    "frame_quotas",
+    "holitom",
+    "largest_remainder",
     "parse_r",
     "pitome",
     "pitome_matching",
     "pool_assignment",
     "random_scores",
+    "static_windows",
     "tome",
     "uniform_indices",
     "vidcom2",

@@ -80,7 +80,7 @@ from .calibrate import calibrate
 
 DEFAULT_METHODS = (
     "random", "uniform", "pool", "tome", "pitome", "divprune", "cdpruner", "dycoke", "fastv", "dart", "framefusion",
-    "vidcom2", "evs",
+    "vidcom2", "evs", "fastvid", "holitom",
 )  # fmt: skip
 QUICK_METHODS = ("random", "divprune", "dycoke", "fastv")
 # 8 of 28 (Qwen2-VL-2B) / 24 (Qwen2-0.5B) layers keeps the default sweep in about 20 minutes on 1-2 CPU cores

@@ -10,7 +10,9 @@ from .divprune import DivPrune, DivPruneReducer
 from .dycoke import DyCoke, DyCokeReducer
 from .evs import EVS, EVSReducer
 from .fastv import FastV, FastVReducer
+from .fastvid import FastVID, FastVIDReducer
 from .framefusion import FrameFusion, FrameFusionReducer
+from .holitom import HoliTom, HoliTomReducer
 from .pitome import PiToMe, PiToMeReducer
 from .pool import Pool, PoolReducer
 from .random import Random, RandomReducer
