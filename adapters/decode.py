@@ -40,8 +40,8 @@ class DecodePruning:
     entries not chosen at this step (exact, no cache surgery, no memory saved); on a step where no sample
     chose, they run unchanged on the whole cache.
 
-    ``state.extra["decode"]`` reports decode steps, steps that pruned, re-selections, kept counts and the
-    bytes moved off the device.
+    ``state.extra["decode"]`` reports decode steps, steps that pruned, re-selections, kept counts, the bytes
+    parked (``bytes_parked``) and those of them moved off the device (``bytes_off_device``).
     """
 
     def __init__(self, session, lm, policy: DecodePolicy):
@@ -160,7 +160,7 @@ class DecodePruning:
         drop_index, drop_valid = left_pad_index(~stays)
         old = memo.live  # (index, valid) of the prompt slots layers >= L hold now, None = all of them
         store = memo.store
-        moved = 0
+        moved = parked_bytes = 0
         for layer_idx in range(self.layer, len(self.lm.layers)):
             layer = cache.layers[layer_idx]
             held = old[0].shape[1] if old is not None else prefill
@@ -172,11 +172,12 @@ class DecodePruning:
                 parked = full.gather(2, expand(drop_index, full))
                 device = "cpu" if live.is_cuda else live.device
                 store[(layer_idx, name)] = parked.to(device)
+                parked_bytes += parked.numel() * parked.element_size()
                 moved += parked.numel() * parked.element_size() if live.is_cuda else 0
             layer.keys, layer.values = tensors
         memo.live, memo.dropped = (index, valid), (drop_index, drop_valid)
         memo.prefill_mask = (gather_seq(run.mask0[:, :prefill], index) * valid).to(run.mask0.dtype)
-        self.session.state.extra["decode"]["bytes_off_device"] = moved
+        self.session.state.extra["decode"].update(bytes_parked=parked_bytes, bytes_off_device=moved)
 
     @staticmethod
     def full_prompt(held: Tensor, live, parked: Tensor | None, dropped, prefill: int) -> Tensor:

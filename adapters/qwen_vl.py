@@ -251,7 +251,8 @@ class QwenSession(Session):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.vision_records: list = []  # (scores, metric, logits or None) per ViT call, in call order (images, then videos)
+        # (scores, metric, logits or None) per ViT call, in call order (images, then videos)
+        self.vision_records: list = []
 
     # -- prefill ------------------------------------------------------------------------------------------
     def prefill(self, kw: dict, cache):

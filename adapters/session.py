@@ -183,6 +183,7 @@ def reduce_features(
     stage: str,
     width: int | None = None,
     side: dict[str, dict[str, list[Tensor]]] | None = None,
+    instruction: list[Tensor] | None = None,
 ):
     """Reduce every span of the projected features; returns the reduced per-item features, or None if unchanged.
 
@@ -194,6 +195,7 @@ def reduce_features(
             tokens, e.g. Qwen3-VL's deepstack features) are gathered / merged with the same selection.
         side: per-token side information aligned with the items, ``{TokenContext field: {modality: [(L_i, *)]}}``
             (e.g. ViT attention scores for a one-layer scoring reducer), handed to the reducer for each span.
+        instruction: per sample, the (M_b, C) input embeddings of its text tokens (``TokenContext.instruction``).
     """
     edits = ItemEdits(features)
     with Timer(state):
@@ -202,6 +204,8 @@ def reduce_features(
             offsets = span.piece.offsets.to(feats.device)
             tokens = feats[offsets][None]
             extra = {name: per[span.modality][span.item][offsets][None] for name, per in (side or {}).items()}
+            if instruction is not None:
+                extra["instruction"] = instruction[span.sample][None]
             ctx = TokenContext(grid=span.piece.grid, span=span.index, **extra)
             with torch.no_grad():  # choosing is not differentiable; the merge below keeps the graph
                 selection = reducer.select(tokens[..., :width].detach(), ctx)
@@ -349,9 +353,21 @@ class Session:
         Vision-stage sessions (vision.py) override this to reduce with what their encoder hooks recorded.
         """
         features = self.encoded(kw, features, layouts)
-        return reduce_features(
-            self.reducer, run.spans, features, placed, self.state, stays, self.stage, **self.reduce_options(features)
-        )
+        options = self.reduce_options(features)
+        inputs = self.reducer.in_pre_llm()
+        if inputs is not None and inputs.instruction:
+            options["instruction"] = self.instruction(kw, run)
+        return reduce_features(self.reducer, run.spans, features, placed, self.state, stays, self.stage, **options)
+
+    def instruction(self, kw: dict, run: Run) -> list[Tensor]:
+        """Per sample, the language model's input embeddings (M_b, C) of its prompt tokens that are neither visual
+        placeholders nor padding, in prompt order (what :class:`tokreduce.stages.PreLLMInputs` declares)."""
+        ids = kw["input_ids"]
+        placeholders = torch.tensor(list(self.adapter.token_ids(self.config).values()), device=ids.device)
+        text = (run.base_mask != 0) & ~run.visual & ~torch.isin(ids, placeholders)
+        with torch.no_grad():
+            embeddings = self.inner.get_input_embeddings()(ids)
+        return [embeddings[b][text[b]] for b in range(ids.shape[0])]
 
     def encoded(self, kw: dict, features: dict | None, layouts: dict) -> dict[str, list[Tensor]]:
         """The call's per-item features (encoded here unless generate passed them), checked against the layouts."""

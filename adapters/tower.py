@@ -212,7 +212,9 @@ class MergingTower:
                     f"{self.name} cannot merge tokens in a vision encoder layer called with an attention mask"
                 )
             else:
-                out = merge_block(hidden_states, parts, r, self.protected, run, self.clock, self.mode)
+                out = merge_block(
+                    hidden_states, parts, r, self.protected, run, self.clock, self.mode, (i, len(self.blocks))
+                )
             run.counts.append(out.shape[1])
             return out
 

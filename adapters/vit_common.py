@@ -143,7 +143,7 @@ def _attach_block_merge(encoder: Encoder, mode: BlockMerge, state: ReductionStat
                 out = parts.original(x, *args, **kwargs)
             else:
                 _check_plain_call(encoder, args, kwargs)
-                out = merge_block(_to_bnc(x, encoder), parts, r, protected, run, state, mode)
+                out = merge_block(_to_bnc(x, encoder), parts, r, protected, run, state, mode, (i, num_layers))
                 out = _from_bnc(out, encoder)
             run.counts.append(_to_bnc(out, encoder).shape[1])
             if i == num_layers - 1:
@@ -159,18 +159,26 @@ def _attach_block_merge(encoder: Encoder, mode: BlockMerge, state: ReductionStat
 
 
 def merge_block(
-    x: Tensor, parts: BlockParts, r: int, protected: int, run: _Run, state: ReductionState, mode: BlockMerge
+    x: Tensor,
+    parts: BlockParts,
+    r: int,
+    protected: int,
+    run: _Run,
+    state: ReductionState,
+    mode: BlockMerge,
+    block: tuple[int, int],
 ) -> Tensor:
-    """One merging block on (B, N, C): attention with proportional bias, merge r tokens, MLP.
+    """One merging block on (B, N, C): attention (with proportional bias unless the mode declines it), merge r
+    tokens, MLP. ``block`` is (this block's index, number of merging blocks).
 
-    The merged tokens leave in the order ``mode.match`` declares, which the next block's matching sees.
+    The merged tokens leave in the order the mode's match declares, which the next block's matching sees.
     """
-    x_attn, _, k = parts.attention(x, size_bias(run.size))
+    x_attn, _, k = parts.attention(x, size_bias(run.size) if mode.proportional else None)
     x = x + x_attn
     if r > 0:
         with Timer(state):
             # the metric: the block's keys averaged over heads
-            selection, order = mode.match(k.mean(dim=1), r, protected)
+            selection, order = mode.matcher(*block)(k.mean(dim=1), r, protected)
             selection = selection.reorder(order)
             x = selection.merge(x, run.size)
             run.size = selection.sizes(run.size)

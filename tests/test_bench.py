@@ -94,3 +94,23 @@ def test_peak_memory_sees_an_allocation_inside_the_block():
         block = torch.ones(16 * 2**20)  # 64 MiB, touched
     del block
     assert peak.extra >= 60 * 2**20
+
+
+def test_decode_kv_counts_what_stays_on_the_device():
+    """KV bytes after decoding: the reduced cache plus the new tokens; a persistent decode policy that parks its
+    dropped entries on the same device (the CPU here) saves no memory there, and the bench must not claim it."""
+    from tokreduce.eval.bench import Baseline, bench_cell
+
+    model = build_model("tiny-llava-ov", layers=4)
+    prompt = make_prompt(model, 196 * 2)
+    base = Baseline(model, prompt, decode_tokens=3)
+    per_token_layer = base.layer_bytes[0] // (prompt.visual + prompt.text)
+    assert base.decode_kv_bytes == 4 * per_token_layer * (prompt.visual + prompt.text + 2)  # 3 tokens, 2 cached
+    row = bench_cell("tiny", model, prompt, base, "random", 0.25, 1, 3)
+    assert row.decode_kv_bytes == 4 * per_token_layer * (row.kept + prompt.text + 2)
+    masked, parked = (
+        bench_cell("tiny", model, prompt, base, "dycoke", 0.5, 1, 3, knobs={"decode_policy": policy})
+        for policy in ("reference", "persistent")
+    )
+    assert parked.method == "dycoke decode_policy=persistent"
+    assert parked.decode_kv_bytes == masked.decode_kv_bytes < base.decode_kv_bytes

@@ -23,7 +23,7 @@ from tokreduce.demo.session import (
     method_info,
 )
 from tokreduce.flops import layer_lengths, prefill_flops
-from tokreduce.viz import captioned, mosaic, overlay_spans, span_label
+from tokreduce.viz import captioned, mosaic, overlay_spans, span_label, token_roles
 
 TILE = 224  # overlay_spans' default tile
 CAPTION = 22  # captioned's default strip height
@@ -82,13 +82,25 @@ def test_image_overlay_shows_both_spans(session):
     assert c.overlay.size == (2 * TILE + 8, TILE + CAPTION)  # base view and crop, side by side
 
 
-def test_video_overlay_is_a_frame_grid(session):
+@pytest.mark.parametrize(
+    "method, keep", [("uniform", 0.5), ("vidcom2", 0.5), ("evs", 0.5), ("fastvid", 0.5), ("holitom", 0.25)]
+)
+def test_video_overlay_is_a_frame_grid(session, method, keep):
     media, question = example(session, "video")
     assert len(media.frames) == session.limits.frames
-    c = session.compare(media, question, "uniform", keep=0.5)
+    c = session.compare(media, question, method, keep=keep)
     assert [s.grid for s in c.selections] == [(8, 3, 3)]
     assert c.overlay.size == (4 * TILE + 3 * 4, 2 * TILE + 4 + CAPTION)  # 4 x 2 frames
-    assert c.tokens_out == 36
+    assert c.tokens_out == round(72 * keep)
+    s = c.selections[0]
+    group, merged = token_roles(s.num_tokens, s.index, s.assign)
+    assert merged.any() == (method in ("fastvid", "holitom"))  # merge methods show their groups on the mosaic
+    if method == "evs":  # the first frame stays whole
+        assert (group[:9] >= 0).all()
+    if not merged.any():  # pruned cells dimmed, kept ones drawn as they are
+        assert (group >= 0).sum() == c.tokens_out
+        full = session.compare(media, question, method, keep=1.0).overlay
+        assert np.asarray(c.overlay).astype(int).sum() < np.asarray(full).astype(int).sum()
 
 
 def test_video_overlay_shows_prunevid_merges(session):

@@ -417,6 +417,31 @@ def _hand_count(rows: list[dict]) -> tuple[int, int]:
     return sum(bool(r["correct"]) for r in answered), len(answered)
 
 
+def _check_roofline_columns(metrics, records):
+    """The roofline and FLOP ideals against the baseline, recomputed from each record's lengths and machine."""
+    from tokreduce.flops import LMShape, layer_lengths
+    from tokreduce.roofline import Machine, roofline_seconds
+
+    shape = LMShape.from_config(toy.load()[0].config)
+    base, rand = metrics["settings"]
+    for row in (base, rand):
+        mine = [r for r in records if r["setting"] == row["setting"]]
+        expected = [
+            roofline_seconds(
+                shape,
+                layer_lengths(shape, r["seq_len"], r["seq_len"] - r["tokens_in"] + r["tokens_out"], 0),
+                Machine(r["machine_flops"], r["machine_bandwidth"]),
+                itemsize=4,  # the toy runs in float32
+            )
+            for r in mine
+        ]
+        assert row["roofline_ms"] == pytest.approx(1000 * sum(expected) / len(expected))
+    assert base["roofline_ideal"] == base["flop_ideal"] == base["speedup"] == 1.0
+    assert rand["roofline_ideal"] > 1.0 and rand["flop_ideal"] == pytest.approx(1 / rand["flops_ratio"])
+    assert rand["achieved_roofline"] == pytest.approx(rand["speedup"] / rand["roofline_ideal"])
+    assert "GFLOP/s" in metrics["machine"] and "GB/s" in metrics["machine"]
+
+
 @needs_toy
 def test_end_to_end_metrics_match_a_hand_count_and_rerun_skips(tmp_path):
     config = _config(tmp_path, plots=True)
@@ -436,6 +461,7 @@ def test_end_to_end_metrics_match_a_hand_count_and_rerun_skips(tmp_path):
     assert base["setting"] == "none@1.0" and base["tokens_out"] == base["tokens_in"] and base["flops_ratio"] == 1.0
     assert rand["tokens_out"] < rand["tokens_in"] and rand["flops_ratio"] < 1.0
     assert rand["select_ms"] > 0 and base["select_ms"] == 0
+    _check_roofline_columns(metrics, rows)
     for name in ("config.yaml", "metrics.json", "summary.md", "accuracy_vs_keep.png", "accuracy_vs_flops.png"):
         assert (run_dir / name).stat().st_size > 0, name
     summary = (run_dir / "summary.md").read_text()

@@ -1,4 +1,4 @@
-"""PruneVid's pre-LLM merge against the authors' code (Visual-AI/PruneVid, commit b12600c6176c606ee4b6b7d9e26f4aa46d0dfd42).
+"""PruneVid against the authors' code (Visual-AI/PruneVid, commit b12600c6176c606ee4b6b7d9e26f4aa46d0dfd42).
 
 Transcribed below from models/pllava/modeling_pllava.py, batch size 1, loops as in the original:
 
@@ -176,9 +176,9 @@ def clip(seed, t=16, h=6, w=6, c=16, static=0.6):
 def test_dpc_knn_matches_authors(seed):
     x = torch.randn(40, 8, generator=torch.Generator().manual_seed(seed))
     cluster, centres = authors_dpc_knn(x, 10, 7)
-    assign, mine = TF.dpc_knn(x[None], 10, 7)
-    assert mine[0].tolist() == centres.tolist()
-    assert assign[0].tolist() == cluster.tolist()
+    assign, mine = TF.dpc_knn(x, 10, 7)
+    assert mine.tolist() == centres.tolist()
+    assert assign.tolist() == cluster.tolist()
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -86,6 +86,20 @@ def test_auto_on_cpu_is_the_torch_path():
     assert torch.equal(divprune(x, 7), similarity.greedy_maxmin(x, 7, backend="torch"))
 
 
+@pytest.mark.parametrize("m, block", [(300, 64), (300, 256), (17, 4)])
+def test_cosine_max_by_row_blocks_equals_the_whole_matrix(m, block):
+    """The torch path's row blocks give the whole matrix's maxima and argmaxes, ties (duplicated b rows) too."""
+    g = torch.Generator().manual_seed(m + block)
+    a, b = torch.randn(2, m, 24, generator=g), torch.randn(2, 90, 24, generator=g)
+    b[:, 40] = b[:, 3]  # an exact tie for the rows whose best match is b[3]: the lower index wins
+    a[:, :5] = b[:, 3:4] + 0.01 * torch.randn(2, 5, 24, generator=g)
+    vals, idx = similarity.cosine_max(a, b, backend="torch", block=block)
+    ref_vals, ref_idx = _cosine(a, b).max(dim=-1)
+    # a thin slice may be summed in another order by the BLAS (last-bit differences), never a different pick here
+    torch.testing.assert_close(vals, ref_vals, atol=1e-6, rtol=0)
+    assert torch.equal(idx, ref_idx) and (idx[:, :5] == 3).all()
+
+
 @pytest.mark.parametrize("k, expected", [(0, 0), (1, 1), (49, 49), (50, 50), (80, 50), (-3, 0)])
 def test_greedy_maxmin_clamps_k(k, expected):
     x = torch.randn(2, 50, 16)

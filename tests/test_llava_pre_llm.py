@@ -2,13 +2,16 @@
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, build, llava_inputs, single
+from conftest import IMAGE_TOKEN, PAD_TOKEN, build, llava_inputs, single
 
 import tokreduce
 from tokreduce import TokenContext
 from tokreduce.adapters.compat import encoder_output
 
-PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke", "prunevid"]
+PRE_LLM = [
+    "random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom",
+    "prunevid",
+]  # fmt: skip
 ALL = tokreduce.list_reducers()
 
 
@@ -44,9 +47,10 @@ def test_matches_hand_built_reference(llava, name):
         ids = inputs["input_ids"][0]
         keep = torch.ones_like(ids, dtype=torch.bool)
         starts = (ids == IMAGE_TOKEN).nonzero().squeeze(-1).view(2, 16)[:, 0]
+        instruction = llava.get_input_embeddings()(ids[ids != IMAGE_TOKEN])[None]  # every text token of the prompt
         reduced = []
         for j, (f, start) in enumerate(zip(feats, starts, strict=True)):
-            selection = reducer.select(f[None], TokenContext(grid=(1, 4, 4), span=j))
+            selection = reducer.select(f[None], TokenContext(grid=(1, 4, 4), span=j, instruction=instruction))
             reduced.append(selection.merge(f[None])[0])
             drop = torch.ones(16, dtype=torch.bool)
             drop[selection.index[0]] = False
@@ -64,7 +68,7 @@ def test_matches_hand_built_reference(llava, name):
     assert [len(s.index) for s in state.selections[0]] == [len(r) for r in reduced]
 
 
-@pytest.mark.parametrize("name", ["divprune", "random", "tome", "prunevid"])
+@pytest.mark.parametrize("name", ["divprune", "random", "tome", "cdpruner", "pitome", "fastvid", "holitom", "prunevid"])
 def test_ragged_batch_equals_single_runs(llava, name):
     counts = (1, 3, 2)
     inputs = llava_inputs(counts, seed=5)
@@ -129,9 +133,9 @@ def test_unsupported_model_type_is_refused():
             pass
 
 
+@pytest.mark.parametrize("method", ["uniform", "cdpruner", "pitome", "fastvid", "holitom", "prunevid"])
 @pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision", "llava_next_video"])
-@pytest.mark.parametrize("name", ["uniform", "prunevid"])
-def test_anyres_and_video_families(model_type, name):
+def test_anyres_and_video_families(model_type, method):
     """Newline tokens survive, each grid is reduced to its budget, pixels and generate() paths agree."""
     from conftest import anyres_inputs
 
@@ -139,9 +143,9 @@ def test_anyres_and_video_families(model_type, name):
     inputs = anyres_inputs(model, seed=1)
     with torch.no_grad():
         ref = model(**inputs).logits
-        with tokreduce.get_reducer("uniform", keep=1.0)(model):
+        with tokreduce.get_reducer(method, keep=1.0)(model):
             assert torch.equal(model(**inputs).logits, ref)
-        with tokreduce.get_reducer(name, **knobs(name, 0.5))(model) as state:
+        with tokreduce.get_reducer(method, **knobs(method, 0.5))(model) as state:
             out = model(**inputs).logits
             sel_forward = [[(s.grid, s.index.tolist()) for s in row] for row in state.selections]
             model.generate(**inputs, max_new_tokens=2, do_sample=False)
@@ -155,3 +159,47 @@ def test_anyres_and_video_families(model_type, name):
     if model_type != "llava_next_video":  # image grids with newlines
         grids = [s.grid for s in state.selections[0]]
         assert any(g[1] != g[2] or g[0] > 1 for g in grids) or len(grids) > 1
+
+
+def ragged_video_batch(model, seeds=(1, 2), extra=3):
+    """Two anyres-image + video samples of different lengths, left-padded into one batch."""
+    from conftest import anyres_inputs
+
+    parts = [anyres_inputs(model, seed=s) for s in seeds]
+    g = torch.Generator().manual_seed(0)
+    lead = torch.randint(3, 100, (1, extra), generator=g)
+    parts[1]["input_ids"] = torch.cat([lead, parts[1]["input_ids"]], 1)
+    parts[1]["attention_mask"] = torch.ones_like(parts[1]["input_ids"])
+    length = max(p["input_ids"].shape[1] for p in parts)
+    batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in ("input_ids", "attention_mask")}
+    for key, fill in (("input_ids", PAD_TOKEN), ("attention_mask", 0)):
+        rows = [torch.nn.functional.pad(p[key], (length - p[key].shape[1], 0), value=fill) for p in parts]
+        batch[key] = torch.cat(rows)
+    return batch, parts
+
+
+@pytest.mark.parametrize("model_type", ["llava_onevision", "llava_next_video"])
+@pytest.mark.parametrize("name", ["vidcom2", "evs"])
+def test_video_methods_on_video_families(model_type, name):
+    """Ragged batch == one sample at a time (tokens and selections); exact counts per span; forward and generate
+    choose alike; EVS leaves the anyres image pieces whole and keeps a clip's first frame."""
+    model = build(model_type)
+    batch, parts = ragged_video_batch(model)
+    reducer = tokreduce.get_reducer(name, keep=0.25)
+    with torch.no_grad(), reducer(model) as state:
+        batched = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        batch_sel = [[(s.grid, s.index.tolist()) for s in row] for row in state.selections]
+        for i, one in enumerate(parts):
+            alone = model.generate(**one, max_new_tokens=3, do_sample=False)
+            assert batched[i, -3:].tolist() == alone[0, -3:].tolist()
+            assert [(s.grid, s.index.tolist()) for s in state.selections[0]] == batch_sel[i]
+            model(**one)
+            assert [(s.grid, s.index.tolist()) for s in state.selections[0]] == batch_sel[i]
+    for row in state.selections:
+        assert any(s.modality == "video" for s in row)
+        for s in row:
+            assert len(s.index) == reducer.num_kept(s.num_tokens, s.grid)
+            if s.modality == "video":
+                assert len(s.index) < s.num_tokens
+            elif name == "evs":
+                assert len(s.index) == s.num_tokens

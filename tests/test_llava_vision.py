@@ -175,6 +175,7 @@ def test_tome_merging_identical_patches_is_the_identity():
 REDUCERS = {
     "visionzip": lambda: tokreduce.VisionZip(keep=0.4),
     "tome": lambda: tome(r=2),
+    "pitome": lambda: tokreduce.PiToMe(ratio=0.8, stage="vision"),
     "ficoco": lambda: tokreduce.FiCoCo(keep=0.4),
 }
 
@@ -195,7 +196,13 @@ def test_ragged_batch_equals_single_runs(models, name):
 
 @pytest.mark.parametrize(
     "model_type,name",
-    [("llava", "visionzip"), ("llava", "tome"), ("llava_onevision", "visionzip"), ("llava_onevision", "ficoco")],
+    [
+        ("llava", "visionzip"),
+        ("llava", "tome"),
+        ("llava", "pitome"),
+        ("llava_onevision", "visionzip"),
+        ("llava_onevision", "ficoco"),
+    ],
 )
 def test_cached_decode_matches_recomputation(models, model_type, name):
     """Cached decode == a no-cache forward over prompt + generated tokens, under both position policies."""
@@ -250,7 +257,8 @@ def test_visionzip_on_anyres_and_video_families(models, model_type):
 
 
 @pytest.mark.parametrize(
-    "model_type,name", [("llava", "visionzip"), ("llava", "tome"), ("llava_onevision", "visionzip")]
+    "model_type,name",
+    [("llava", "visionzip"), ("llava", "tome"), ("llava", "pitome"), ("llava_onevision", "visionzip")],
 )
 def test_hooks_removed_after_exit_and_unwrap(models, model_type, name):
     model = models(model_type)
@@ -280,10 +288,12 @@ def test_hooks_removed_after_exit_and_unwrap(models, model_type, name):
 
 # -- refusals ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision", "llava_next_video"])
-def test_tome_in_the_tower_is_refused_for_anyres_and_video(models, model_type):
+@pytest.mark.parametrize("merge", [lambda: tome(r=2), lambda: tokreduce.PiToMe(ratio=0.8, stage="vision")])
+def test_tome_in_the_tower_is_refused_for_anyres_and_video(models, model_type, merge):
     model = models(model_type)
-    with pytest.raises(ValueError, match=f"{model_type}.*stage='pre_llm'"):
-        with tome(r=2)(model):
+    reducer = merge()
+    with pytest.raises(ValueError, match=f"{reducer.name}.*{model_type}.*stage='pre_llm'"):
+        with reducer(model):
             pass
     assert not any("forward" in m.__dict__ for m in model.modules())  # nothing left behind
 

@@ -18,7 +18,10 @@ import tokreduce
 from tokreduce import TokenContext
 from tokreduce.adapters.compat import cache_kwargs, output_cache
 
-PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke", "prunevid"]
+PRE_LLM = [
+    "random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom",
+    "prunevid",
+]  # fmt: skip
 ALL = tokreduce.list_reducers()
 ITEMS = [("image", (1, 4, 8)), ("video", (4, 4, 4))]  # one image (8 tokens) and one 4-frame video (16 tokens)
 
@@ -41,10 +44,13 @@ def reduced_reference(model, inputs, reducer, items, policy="original"):
     keep = torch.ones_like(ids, dtype=torch.bool)
     reduced = {m: {"main": [], "deep": []} for m in outputs}
     counters = {"image": 0, "video": 0}
+    text = ~torch.isin(ids, torch.tensor([QWEN_IMAGE, QWEN_VIDEO]))
+    instruction = model.get_input_embeddings()(ids[text])[None]  # every text token of the prompt
     for j, ((kind, (t, h, w)), slots) in enumerate(zip(items, item_slots(ids, items), strict=True)):
         output = outputs[kind]
         feat = output.pooler_output[counters[kind]]
-        sel = reducer.select(feat[None], TokenContext(grid=(t, h // 2, w // 2), span=j))
+        ctx = TokenContext(grid=(t, h // 2, w // 2), span=j, instruction=instruction)
+        sel = reducer.select(feat[None, :, : instruction.shape[-1]], ctx)
         reduced[kind]["main"].append(sel.merge(feat[None])[0])
         for level, deep in enumerate(getattr(output, "deepstack_features", None) or []):
             if len(reduced[kind]["deep"]) <= level:
@@ -145,7 +151,7 @@ def test_positions_types_and_rope_deltas_follow_the_kept_tokens(qwen_models, mod
 
 @pytest.mark.parametrize("model_type", QWEN_TYPES)
 @pytest.mark.parametrize("policy", ["original", "compact"])
-@pytest.mark.parametrize("name", ["uniform", "divprune"])
+@pytest.mark.parametrize("name", ["uniform", "divprune", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom"])
 def test_generate_equals_manual_reference_with_explicit_positions(qwen_models, model_type, policy, name):
     """generate() == greedy decoding of the hand-reduced inputs with explicit position ids at every step."""
     model = qwen_models(model_type)
@@ -215,7 +221,7 @@ def test_rope_deltas_continue_after_the_block(qwen_models, model_type):
 
 
 @pytest.mark.parametrize("model_type", QWEN_TYPES)
-@pytest.mark.parametrize("name", ["divprune", "tome"])
+@pytest.mark.parametrize("name", ["divprune", "tome", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom"])
 def test_ragged_batch_equals_single_runs(qwen_models, model_type, name):
     model = qwen_models(model_type)
     samples = [[("image", (1, 4, 4))], ITEMS, [("video", (2, 4, 4)), ("image", (1, 4, 8))]]
@@ -260,7 +266,30 @@ def test_missing_mm_token_type_ids_is_refused(qwen_models):
             model(**inputs)
 
 
-def test_tome_inside_the_qwen_vit_is_refused(qwen_models):
-    with pytest.raises(ValueError, match="pre_llm"):
-        with tokreduce.ToMe(r=2, stage="vision")(qwen_models("qwen2_vl")):
+@pytest.mark.parametrize("reducer", [tokreduce.ToMe(r=2, stage="vision"), tokreduce.PiToMe(ratio=0.8, stage="vision")])
+def test_tome_inside_the_qwen_vit_is_refused(qwen_models, reducer):
+    with pytest.raises(ValueError, match=f"{reducer.name}.*qwen2_vl.*pre_llm"):
+        with reducer(qwen_models("qwen2_vl")):
             pass
+
+
+@pytest.mark.parametrize("model_type", QWEN_TYPES)
+@pytest.mark.parametrize("name", ["vidcom2", "evs"])
+def test_video_methods_on_images_and_videos(qwen_models, model_type, name):
+    """Exact counts per span: EVS keeps an image (t = 1) whole and a clip's first temporal patch whole;
+    VidCom2 reduces an image as one frame. Selections are per sample in a ragged batch."""
+    model = qwen_models(model_type)
+    samples = [ITEMS, [("video", (6, 4, 4)), ("image", (1, 4, 8))]]
+    inputs = qwen_inputs(model_type, samples, seed=11)
+    reducer = tokreduce.get_reducer(name, keep=0.25)
+    with torch.no_grad(), reducer(model) as state:
+        model.generate(**inputs, max_new_tokens=2, **QWEN_GREEDY)
+    for row in state.selections:
+        for s in row:
+            assert len(s.index) == reducer.num_kept(s.num_tokens, s.grid)
+            if s.modality == "image":
+                assert len(s.index) == (s.num_tokens if name == "evs" else round(0.25 * s.num_tokens))
+            else:
+                assert len(s.index) < s.num_tokens
+                if name == "evs":
+                    assert s.index[: s.grid[1] * s.grid[2]].tolist() == list(range(s.grid[1] * s.grid[2]))

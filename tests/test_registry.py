@@ -7,7 +7,24 @@ import pytest
 import tokreduce
 from tokreduce import Reducer, get_reducer, list_reducers, register_reducer
 
-EXPECTED = {"random", "uniform", "pool", "tome", "visionzip", "divprune", "fastv", "dart", "dycoke", "framefusion", "prunevid", "ficoco"}
+EXPECTED = {
+    "random",
+    "uniform",
+    "pool",
+    "tome",
+    "visionzip",
+    "divprune",
+    "fastv",
+    "dart",
+    "dycoke",
+    "framefusion",
+    "vidcom2",
+    "evs",
+    "fastvid",
+    "holitom",
+    "prunevid",
+    "ficoco",
+}
 
 
 def test_every_method_is_registered():

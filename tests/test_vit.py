@@ -1,6 +1,7 @@
 """ToMe and VisionZip inside plain ViTs: timm VisionTransformer and open_clip vision towers (random weights)."""
 
 import copy
+import math
 import subprocess
 import sys
 
@@ -184,6 +185,35 @@ def test_tome_keep_and_stage_knobs(models):
         pass
     with pytest.raises(ValueError, match="one entry per layer"), tokreduce.ToMe(r=[1, 2])(model):
         pass
+
+
+# -- PiToMe ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", MODELS)
+def test_pitome_counts_follow_the_ratio(models, name):
+    """floor(T - T * ratio) of the T patch tokens merge in every block; sizes and sources add up; batch == single."""
+    model, images, forward, n, p, blocks = models[name]
+    schedule, t = [], n - p
+    for _ in blocks:
+        schedule.append(math.floor(t - t * 0.8))
+        t -= schedule[-1]
+    with torch.no_grad():
+        reference = forward(images)
+        with tokreduce.PiToMe(ratio=0.8)(model) as state:
+            out = forward(images)
+            alone = forward(images[1:])
+    counts = expected_counts(n, schedule, p)
+    assert state.extra["tokens_per_layer"] == counts
+    assert out.shape == reference.shape and out.dtype == reference.dtype
+    torch.testing.assert_close(alone, out[1:], atol=1e-5, rtol=1e-5)
+    size = state.extra["size"]
+    assert torch.equal(size.sum(dim=(1, 2)), torch.full((1,), float(n)))
+    with torch.no_grad(), tokreduce.PiToMe(keep=10)(model) as state:
+        forward(images)
+    assert state.extra["tokens_per_layer"][-1] == p + 10
+    with pytest.raises(ValueError, match="not both"), tokreduce.PiToMe(ratio=0.9, keep=0.5)(model):
+        pass
+    with torch.no_grad(), tokreduce.PiToMe(ratio=1.0)(model):
+        assert torch.equal(forward(images), reference)
 
 
 def test_unsupported_reducer_and_model(models):

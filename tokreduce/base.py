@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .context import ReductionState, TokenContext
 from .selection import Selection, budget, keeps_all
-from .stages import BlockMerge, DecodePolicy, LayerMerge, LayerPrune, LayerScore
+from .stages import BlockMerge, DecodePolicy, LayerMerge, LayerPrune, LayerScore, PreLLMInputs
 
 POSITION_POLICIES = ("original", "compact")
 
@@ -88,6 +88,10 @@ class Reducer:
 
     def in_encoder(self) -> BlockMerge | LayerScore | None:
         """Stage "vision" (and any stage of a plain ViT): how the method works inside the encoder."""
+        return None
+
+    def in_pre_llm(self) -> PreLLMInputs | None:
+        """Stage "pre_llm": what the selection needs besides the span's tokens (the instruction's embeddings), or None."""
         return None
 
     def in_decode(self) -> DecodePolicy | None:

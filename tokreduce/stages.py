@@ -10,7 +10,9 @@ Adapters never ask which method they run; they read these declarations from the 
 - :meth:`Reducer.in_encoder` -> :class:`BlockMerge` (merge a few tokens in every encoder block) or
   :class:`LayerScore` (score the tokens with one encoder layer's attention, then select, per crop / frame, in
   the order the method emits them);
-- :meth:`Reducer.in_decode` -> :class:`DecodePolicy`: a decode-time KV-cache policy with its own select.
+- :meth:`Reducer.in_decode` -> :class:`DecodePolicy`: a decode-time KV-cache policy with its own select;
+- :meth:`Reducer.in_pre_llm` -> :class:`PreLLMInputs`: what a selection made before the language model needs
+  besides the span's tokens (the instruction's token embeddings).
 
 A method that acts at two stages (DyCoke: pre-LLM merge, then a decode-time cache policy) declares both in
 its one file. A "pre_llm" reducer whose ``in_llm`` gives a :class:`LayerPrune` prunes again inside the language
@@ -140,6 +142,19 @@ class DecodePolicy:
 
 
 @dataclass(frozen=True)
+class PreLLMInputs:
+    """What a reducer choosing before the language model (stage "pre_llm") needs besides the span's tokens.
+
+    Attributes:
+        instruction: hand over ``TokenContext.instruction`` (1, M, C): the language model's input embeddings of the
+            sample's prompt tokens that are neither visual placeholders nor padding (the instruction and the chat
+            template around it), in prompt order; (1, 0, C) for a prompt without such tokens.
+    """
+
+    instruction: bool = False
+
+
+@dataclass(frozen=True)
 class BlockMerge:
     """Merge tokens inside every encoder block, between attention and MLP, with proportional attention.
 
@@ -152,12 +167,22 @@ class BlockMerge:
             metric is the block's keys averaged over heads. The order matters from the second merge on: it
             decides which tokens the next block's matching sees where.
         check: ``(number of blocks) -> None``, raises ``ValueError`` for knobs that cannot fit (at wrap time).
+        match_for: ``(block, number of blocks) -> match`` for methods whose matching differs from block to block
+            (a per-block margin); None: ``match`` in every block.
+        proportional: proportional attention (log size of each key added to the attention logits) in the blocks
+            after the first merge; False: plain attention, merged tokens count once.
     """
 
     protected: int
     schedule: Callable[[int, int, int], list[int]]
     match: Callable[[Tensor, int, int], tuple[Selection, Tensor]]
     check: Callable[[int], None]
+    match_for: Callable[[int, int], Callable[[Tensor, int, int], tuple[Selection, Tensor]]] | None = None
+    proportional: bool = True
+
+    def matcher(self, block: int, num_blocks: int) -> Callable[[Tensor, int, int], tuple[Selection, Tensor]]:
+        """The match of encoder block ``block`` (of ``num_blocks``)."""
+        return self.match if self.match_for is None else self.match_for(block, num_blocks)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,10 @@ Per model, visual-token count, method and keep:
   full prefill (a selection slower than what it saves is a speed-up that vanishes);
 - KV-cache bytes after prefill, summed over the real cache tensors of every layer, against the full
   cache and the ideal (layers before K keep every token for in-LLM methods; a cache that frees nothing saves nothing);
-- decode tokens/s of ``generate`` after the (reduced) prefill.
+- decode tokens/s of ``generate`` after the (reduced) prefill, and the KV bytes on the model's device after
+  those decode steps against the full model's (DyCoke's ``decode_policy=persistent`` drops entries from the
+  cache while decoding; the entries it parks count where they stay: on a CPU run they stay on the CPU, so
+  nothing is saved there; on an accelerator they move to the host).
 
 ``--layers N`` keeps the first N decoder layers (all dimensions unchanged) to bound the run time. FLOP
 ratios of methods acting before the LLM do not depend on depth; for layer-K methods (FastV, DART) the ideal
@@ -43,6 +46,7 @@ Video features have temporal redundancy (each frame = a shared per-position base
     tokreduce bench --threads 1             # steadier on a shared machine (see below)
     tokreduce bench --scaling               # time and peak memory vs 576..9216 visual tokens (bench_scaling.py)
     tokreduce bench --models qwen2-vl-2b --methods fastv,divprune --keep 0.25 --tokens 2304 --layers 8
+    tokreduce bench --methods dycoke --knob dycoke.decode_policy=persistent
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ from .bench_models import (
     MODELS,
     Prompt,
     build_model,
-    decode_rate,
+    decode_run,
     lm_head_seconds,
     make_prompt,
     prefill,
@@ -74,7 +78,10 @@ from .bench_models import (
 from .bench_plot import markdown, plot
 from .calibrate import calibrate
 
-DEFAULT_METHODS = ("random", "uniform", "pool", "tome", "divprune", "dycoke", "fastv", "dart", "framefusion")
+DEFAULT_METHODS = (
+    "random", "uniform", "pool", "tome", "pitome", "divprune", "cdpruner", "dycoke", "fastv", "dart", "framefusion",
+    "vidcom2", "evs", "fastvid", "holitom",
+)  # fmt: skip
 QUICK_METHODS = ("random", "divprune", "dycoke", "fastv")
 # 8 of 28 (Qwen2-VL-2B) / 24 (Qwen2-0.5B) layers keeps the default sweep in about 20 minutes on 1-2 CPU cores
 DEFAULT_LAYERS = 8
@@ -102,6 +109,7 @@ COLUMNS = (
     "KV/ideal",
     "decode tok/s",
     "full decode tok/s",
+    "KV/full after decode",
 )
 
 
@@ -128,6 +136,8 @@ class Row:
     kv_layer_error: float
     decode_tps: float
     full_decode_tps: float
+    decode_kv_bytes: int  # KV bytes on the model's device after the decode steps (cache + entries parked there)
+    full_decode_kv_bytes: int
     best_ratio: float = float("nan")  # min(full) / min(reduced): less sensitive to load spikes than medians
     lm_head_ms: float = float("nan")  # last-token logits, included in both prefill times
     roofline: float = float("nan")  # roofline-ideal prefill ratio (tokreduce.roofline, calibrated machine)
@@ -157,6 +167,7 @@ class Row:
             f"{self.kv_bytes / self.kv_ideal_bytes:.3f}",
             f"{self.decode_tps:.1f}",
             f"{self.full_decode_tps:.1f}",
+            f"{self.decode_kv_bytes / self.full_decode_kv_bytes:.3f}",
         ]
 
 
@@ -164,7 +175,7 @@ class Baseline:
     """The full model on one prompt: per-layer cache bytes and decode rate, measured once."""
 
     def __init__(self, model, prompt: Prompt, decode_tokens: int):
-        self.decode_tps = decode_rate(model, prompt, decode_tokens)  # also the warm-up
+        self.decode_tps, self.decode_kv_bytes = decode_run(model, prompt, decode_tokens)  # also the warm-up
         _, self.layer_bytes = prefill(model, prompt)
         self.lm_head_s = lm_head_seconds(model)
 
@@ -192,7 +203,10 @@ def bench_cell(
     shape = LMShape.from_config(model.config)
     full, times, overheads = [], [], []
     with reducer(model) as state:
-        tps = decode_rate(model, prompt, decode_tokens)  # also the warm-up of the reduced lengths
+        tps, decode_kv = decode_run(model, prompt, decode_tokens)  # also the warm-up of the reduced lengths
+    # a persistent decode policy parks the entries it drops: those left on the model's device still count
+    decode = state.extra.get("decode", {})
+    decode_kv += decode.get("bytes_parked", 0) - decode.get("bytes_off_device", 0)
     for _ in range(repeats):
         full.append(prefill(model, prompt)[0])
         with reducer(model) as state:
@@ -214,10 +228,11 @@ def bench_cell(
             "roofline": roofline_ratio(shape, prompt.visual + prompt.text, list(ideal.lengths), machine, size),
             "roofline_full_ms": 1e3 * roofline_seconds(shape, prompt.visual + prompt.text, machine, size),
         }
+    label = method + "".join(f" {k}={v}" for k, v in (knobs or {}).items())
     return Row(
         model=model_name,
         layers=shape.layers,
-        method=method,
+        method=label,
         keep=keep,
         visual=prompt.visual,
         kept=kept,
@@ -233,6 +248,8 @@ def bench_cell(
         kv_layer_error=error,
         decode_tps=tps,
         full_decode_tps=base.decode_tps,
+        decode_kv_bytes=decode_kv,
+        full_decode_kv_bytes=base.decode_kv_bytes,
         best_ratio=min(full) / min(times),
         lm_head_ms=1e3 * base.lm_head_s,
         **roof,
@@ -264,7 +281,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"keep only the first N decoder layers, 0 = all (default {DEFAULT_LAYERS}; --quick {QUICK_LAYERS})",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed prefills per cell (median; default 3)")
-    parser.add_argument("--decode-tokens", type=int, default=8, help="tokens generated for decode tok/s (default 8)")
+    parser.add_argument(
+        "--decode-tokens", type=int, default=8, help="tokens generated for decode tok/s, >= 2 (default 8)"
+    )
+    parser.add_argument(
+        "--knob",
+        action="append",
+        default=[],
+        metavar="METHOD.NAME=VALUE",
+        help="method knob, e.g. dycoke.decode_policy=persistent (repeatable)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--scaling",
@@ -272,13 +298,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="full vs reduced prefill time and peak memory against visual tokens (576..9216; divprune, fastv; keep 0.25)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.md/.json/.png")
-    parser.add_argument(
-        "--knob",
-        action="append",
-        default=[],
-        metavar="METHOD.NAME=VALUE",
-        help="method knob, e.g. prunevid.selected_layer=2 (repeatable; a layer knob must fit --layers)",
-    )
 
 
 def resolve(args) -> argparse.Namespace:
@@ -306,9 +325,16 @@ def resolve(args) -> argparse.Namespace:
             raise ValueError(f"unknown method {name!r} for --methods; registered: {list_reducers()}")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.decode_tokens < 2:
+        raise ValueError(
+            f"--decode-tokens must be >= 2 (a decode step is timed from the second token), got {args.decode_tokens}"
+        )
     from .command import parse_knobs
 
     args.knobs = parse_knobs(getattr(args, "knob", []))
+    for name in args.knobs:
+        if name not in args.methods:
+            raise ValueError(f"--knob names {name!r}, which is not among --methods {args.methods}")
     return args
 
 

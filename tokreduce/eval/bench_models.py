@@ -248,12 +248,16 @@ class _Clock:
         return scores
 
 
-def decode_rate(model, prompt: Prompt, new_tokens: int) -> float:
-    """Tokens/s of the decode steps of ``generate`` (the prefill, which yields token 1, is excluded)."""
+def decode_run(model, prompt: Prompt, new_tokens: int) -> tuple[float, int]:
+    """``generate`` of ``new_tokens`` tokens: (tokens/s of the decode steps, KV-cache bytes held at the end).
+
+    The prefill, which yields token 1, is excluded from the rate. The bytes are those of the cache's tensors
+    on the model's device after the last step (a decode policy that parks entries elsewhere frees them here).
+    """
     from transformers import LogitsProcessorList
 
     if new_tokens < 2:
-        return float("nan")
+        raise ValueError(f"decode needs at least 2 new tokens to time a step, got {new_tokens}")
     clock = _Clock()
     config = model.config
     special = [
@@ -261,15 +265,17 @@ def decode_rate(model, prompt: Prompt, new_tokens: int) -> float:
         for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
     ]
     with torch.inference_mode():
-        model.generate(
+        out = model.generate(
             **fresh(prompt.inputs),
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
             logits_processor=LogitsProcessorList([clock]),
             suppress_tokens=[s for s in special if s is not None],
+            return_dict_in_generate=True,
         )
-    return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+    rate = (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+    return rate, sum(cache_layer_bytes(output_cache(out)))
 
 
 def lm_head_seconds(model, repeats: int = 5) -> float:

@@ -15,6 +15,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from ..flops import LMShape, layer_lengths, prefill_flops
+from ..roofline import Machine, roofline_seconds
 
 
 class GenerationClock(BaseStreamer):
@@ -120,5 +121,15 @@ def reducible_tokens(model, inputs: dict) -> list[int]:
 def sample_prefill_flops(shape: LMShape, seq_len: int, removed: int, layer: int) -> int:
     """Language-model prefill FLOPs of one sample of ``seq_len`` tokens whose reducer removed ``removed`` of them
     from decoder layer ``layer`` on (``tokreduce.flops`` conventions; vision encoder excluded)."""
-    reduced = seq_len - removed
-    return prefill_flops(shape, layer_lengths(shape, seq_len, reduced, min(layer, shape.layers)))
+    return prefill_flops(shape, _lengths(shape, seq_len, removed, layer))
+
+
+def sample_prefill_roofline(
+    shape: LMShape, seq_len: int, removed: int, layer: int, machine: Machine, itemsize: int = 2
+) -> float:
+    """Roofline-predicted language-model prefill seconds of the same sample (:mod:`tokreduce.roofline`)."""
+    return roofline_seconds(shape, _lengths(shape, seq_len, removed, layer), machine, itemsize)
+
+
+def _lengths(shape: LMShape, seq_len: int, removed: int, layer: int) -> list[int]:
+    return layer_lengths(shape, seq_len, seq_len - removed, min(layer, shape.layers))

@@ -10,6 +10,11 @@ Accounting (the same in metrics.json, summary.md and the plots):
 - Efficiency means are over the records the model answered. ``prefill_ms`` is the batch's time to
   first token; ``prefill_ms_per_sample`` divides it by the batch size. ``prefill_gflops`` is the
   language model's analytic prefill cost (``tokreduce.flops``; vision encoder excluded).
+  ``roofline_ms`` is that prefill's roofline-predicted time (``tokreduce.roofline``: per part the larger of
+  FLOPs / matmul throughput and bytes moved / memory bandwidth, both measured on the run's device at its start).
+  Against the baseline row: ``speedup`` (measured prefill per sample), ``flop_ideal`` and ``roofline_ideal``
+  (the speed-ups those two models predict) and ``achieved_roofline`` = speedup / roofline_ideal. The
+  measured time also holds the vision encoder and the selection, which neither ideal counts.
   ``select_ms`` is the method's own selection time per sample. ``peak_mem_mb`` is the maximum over
   batches (CUDA max allocated, or on CPU the process's peak RSS, which only grows).
 """
@@ -82,6 +87,7 @@ def efficiency(rows: list[dict]) -> dict:
         "decode_tok_s": _mean(r.get("decode_tok_s") for r in rows),
         "select_ms": _ms(_mean(r["select_s"] for r in rows)),
         "prefill_gflops": _scale(_mean(r["prefill_flops"] for r in rows), 1e-9),
+        "roofline_ms": _ms(_mean(r.get("roofline_s") for r in rows)),
         "peak_mem_mb": max(peak) if peak else None,
     }
 
@@ -125,7 +131,20 @@ def summarize(
     for row in rows:
         row["acc_delta"] = _diff(row["accuracy"], base["accuracy"] if base else None)
         row["flops_ratio"] = _ratio(row["prefill_gflops"], base["prefill_gflops"] if base else None)
-    return {"items": len(items), "memory": memory, "flops": FLOPS_NOTE, "settings": rows}
+        row["speedup"] = _ratio(base["prefill_ms_per_sample"] if base else None, row["prefill_ms_per_sample"])
+        row["flop_ideal"] = _ratio(base["prefill_gflops"] if base else None, row["prefill_gflops"])
+        row["roofline_ideal"] = _ratio(base["roofline_ms"] if base else None, row["roofline_ms"])
+        row["achieved_roofline"] = _ratio(row["speedup"], row["roofline_ideal"])
+    return {"items": len(items), "memory": memory, "flops": FLOPS_NOTE, "machine": _machine(records), "settings": rows}
+
+
+def _machine(records: list[dict]) -> str:
+    """The calibration the records' roofline figures were computed with (the best of the ranks' runs)."""
+    flops = [r["machine_flops"] for r in records if r.get("machine_flops")]
+    bandwidth = [r["machine_bandwidth"] for r in records if r.get("machine_bandwidth")]
+    if not flops or not bandwidth:
+        return "not calibrated"
+    return f"matmul {max(flops) / 1e9:.0f} GFLOP/s, memory {max(bandwidth) / 1e9:.1f} GB/s"
 
 
 def _diff(a, b):

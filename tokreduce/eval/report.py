@@ -25,6 +25,10 @@ COLUMNS = [
     ("prefill ms", "prefill_ms", "{:.1f}"),
     ("prefill GFLOPs", "prefill_gflops", "{:.3g}"),
     ("FLOPs ratio", "flops_ratio", "{:.2f}"),
+    ("speed-up", "speedup", "{:.2f}"),
+    ("FLOP ideal", "flop_ideal", "{:.2f}"),
+    ("roofline ideal", "roofline_ideal", "{:.2f}"),
+    ("achieved / roofline", "achieved_roofline", "{:.2f}"),
     ("decode tok/s", "decode_tok_s", "{:.1f}"),
     ("select ms", "select_ms", "{:.2f}"),
     ("peak MB", "peak_mem_mb", "{:.0f}"),
@@ -74,7 +78,10 @@ def write_reports(metrics: dict, run_dir: Path, plots: bool = True) -> None:
         "",
         f"{metrics['items']} items. Accuracy leaves out items the model never saw (listed under errors); "
         "'acc (errors wrong)' counts them as wrong. Prefill ms is the batch's time to first token. "
-        f"FLOPs: {metrics['flops']}. Peak memory: {metrics['memory']}.",
+        f"FLOPs: {metrics['flops']}. Peak memory: {metrics['memory']}. "
+        "Speed-up: the baseline's prefill ms per sample over the row's; the FLOP and roofline ideals are the "
+        "language-model prefill speed-ups the FLOP count and the roofline model predict (vision encoder and "
+        f"selection not counted); roofline machine, measured at the run's start: {metrics.get('machine', '–')}.",
         "",
         markdown_table(metrics),
         "",

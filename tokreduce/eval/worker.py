@@ -18,6 +18,7 @@ from ..flops import LMShape, reduction_layer
 from ..image import read_image
 from ..registry import get_reducer
 from ..video import read_frames
+from .calibrate import calibrate
 from .config import BASELINE, EvalConfig, setting_key
 from .datasets import QAItem
 from .encode_once import encode_each_video_once
@@ -28,6 +29,7 @@ from .measure import (
     reducible_tokens,
     reset_peak_memory,
     sample_prefill_flops,
+    sample_prefill_roofline,
 )
 
 log = logging.getLogger("tokreduce.eval")
@@ -87,6 +89,10 @@ class _Worker:
         self.rank = rank
         self.settings = config.settings()
         self.shape = LMShape.from_config(model.config)
+        # the roofline ideal's machine figures, measured here on the run's device and dtype (about a second)
+        self.machine = calibrate(dtype, device=device)
+        self.itemsize = torch.finfo(dtype).bits // 8
+        log.info("rank %d calibrated: %s", rank, self.machine.describe())
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         self.pad_id = processor.tokenizer.pad_token_id
@@ -245,6 +251,11 @@ class _Worker:
                 gen_tokens=self._generated(new[i]),
                 select_s=select_s,
                 prefill_flops=sample_prefill_flops(self.shape, int(seq_len[i]), int(lost[i]), layer),
+                roofline_s=sample_prefill_roofline(
+                    self.shape, int(seq_len[i]), int(lost[i]), layer, self.machine, self.itemsize
+                ),
+                machine_flops=self.machine.flops,
+                machine_bandwidth=self.machine.bandwidth,
                 peak_mem_mb=peak,
                 batch_size=b,
             )

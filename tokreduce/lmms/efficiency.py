@@ -20,8 +20,7 @@ import torch
 from lmms_eval.api.instance import TokenCounts
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
-from ..adapters import get_adapter
-from ..eval.measure import sample_prefill_flops
+from ..eval.measure import reducible_tokens, sample_prefill_flops
 from ..flops import LMShape, reduction_layer
 
 FIELDS = ("visual_tokens_in", "visual_tokens_out", "selection_s", "prefill_flops")
@@ -53,30 +52,32 @@ class EfficiencyMeter:
     """Measures each batch of one model under one reducer and keeps the per-sample rows for the run means."""
 
     def __init__(self, model, reducer=None):
+        self.model = model
         self.shape = LMShape.from_config(model.config)
         self.layer = reduction_layer(reducer)
-        self.visual_ids = torch.tensor(sorted(set(get_adapter(model).token_ids(model.config).values())))
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self.rows: list[ReductionCounts] = []
 
-    def measure(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, new: torch.Tensor, stats) -> list:
+    def measure(self, inputs: dict, new: torch.Tensor, stats) -> list:
         """Counts for a batch.
 
         Args:
-            input_ids, attention_mask: (B, L) the prompts, left padded.
+            inputs: the model inputs of the batch (``input_ids`` and ``attention_mask`` (B, L), left padded, and
+                the pixel inputs, from which the unreduced run's visual tokens are counted as a reducer counts
+                them: placeholders minus those no method removes, e.g. anyres newline tokens).
             new: (B, N) generated token ids (empty N for a forward without generation).
             stats: the reducer state's ``ReductionStats`` for this batch, or None without a reducer.
 
         Returns:
             B :class:`ReductionCounts`, also kept for :meth:`log`.
         """
-        b = input_ids.shape[0]
-        visual = torch.isin(input_ids, self.visual_ids.to(input_ids.device)).sum(1).tolist()
-        seq_len = attention_mask.sum(1).tolist()
-        reduced = stats is not None and len(stats.tokens_in) == b
-        tokens_in = stats.tokens_in if reduced else visual
-        tokens_out = stats.tokens_out if reduced else visual
+        b = inputs["input_ids"].shape[0]
+        seq_len = inputs["attention_mask"].sum(1).tolist()
+        if stats is not None and len(stats.tokens_in) == b:
+            tokens_in, tokens_out = stats.tokens_in, stats.tokens_out
+        else:
+            tokens_in = tokens_out = reducible_tokens(self.model, inputs)
         select_s = stats.seconds / b if stats is not None else 0.0
         counts = [
             ReductionCounts(

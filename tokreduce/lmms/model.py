@@ -187,11 +187,11 @@ class TokReduceLMM(lmms):
         inputs = self._inputs(prompts, [chat_text(self.processor, p) for p in prompts])
         options, until = generation_options(gen_kwargs)
         tokenizer = self.processor.tokenizer
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        ids = inputs["input_ids"]
         with self._reduction() as state, torch.inference_mode():
             out = self.model.generate(**inputs, **options, pad_token_id=tokenizer.pad_token_id)
             new = out[:, ids.shape[1] :]
-            counts = self.meter.measure(ids, mask, new, None if state is None else state.stats)
+            counts = self.meter.measure(inputs, new, None if state is None else state.stats)
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         return [GenerationResult(text=cut(t, until), token_counts=c) for t, c in zip(texts, counts, strict=True)]
 
@@ -207,12 +207,12 @@ class TokReduceLMM(lmms):
                 f"the chat template left no continuation tokens to score in {full[lengths.index(min(lengths))]!r}"
             )
         inputs = self._inputs(prompts, full)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        ids = inputs["input_ids"]
         with self._reduction() as state, torch.inference_mode():
             # Reduction removes visual tokens only, so the text at the end of every row keeps its place
             # counted from the end, in the logits as in the ids (rows are left padded).
             logits = self.model(**inputs).logits
-            self.meter.measure(ids, mask, ids[:, :0], None if state is None else state.stats)
+            self.meter.measure(inputs, ids[:, :0], None if state is None else state.stats)
         results = []
         for row, n in enumerate(lengths):
             target = ids[row, -n:]

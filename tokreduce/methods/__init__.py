@@ -4,17 +4,23 @@ Adding a method: its file (the pure function, its Reducer dataclass registered u
 paper-name alias) and one line here; ``tokreduce`` exports whatever this package exports.
 """
 
+from .cdpruner import CDPruner, CDPrunerReducer
 from .dart import DART, DARTReducer
 from .divprune import DivPrune, DivPruneReducer
 from .dycoke import DyCoke, DyCokeReducer
+from .evs import EVS, EVSReducer
 from .fastv import FastV, FastVReducer
+from .fastvid import FastVID, FastVIDReducer
 from .ficoco import FiCoCo, FiCoCoReducer
 from .framefusion import FrameFusion, FrameFusionReducer
+from .holitom import HoliTom, HoliTomReducer
+from .pitome import PiToMe, PiToMeReducer
 from .pool import Pool, PoolReducer
 from .prunevid import PruneVid, PruneVidReducer
 from .random import Random, RandomReducer
 from .tome import ToMe, ToMeReducer
 from .uniform import Uniform, UniformReducer
+from .vidcom2 import VidCom2, VidCom2Reducer
 from .visionzip import VisionZip, VisionZipReducer
 
 __all__ = sorted(name for name, value in list(globals().items()) if isinstance(value, type))

@@ -13,42 +13,31 @@ from ..context import TokenContext
 from ..registry import register_reducer
 from ..selection import Selection, budget, check_count
 from ..stages import LayerPrune
+from .fastvid import density_peak_scores, top_sorted
+from .holitom import largest_remainder
 
 
 def dpc_knn(x: Tensor, clusters: int, knn: int = 7) -> tuple[Tensor, Tensor]:
     """Density-peak clustering with k nearest neighbours (DPC-kNN), as PruneVid's ``cluster_dpc_knn``.
 
-    Distances are Euclidean / sqrt(C) (float32). Density = exp(-mean squared distance to the ``knn`` nearest tokens,
-    itself included); a token's parent distance is its distance to the nearest token of higher density (the largest
-    distance of the sample for the densest token); the ``clusters`` tokens with the largest density * parent distance
-    are the centres, every token joins its nearest centre and every centre itself.
+    The ``clusters`` tokens of highest density-peak score (:func:`~tokreduce.methods.fastvid.density_peak_scores`
+    with ``knn`` neighbours) are the centres, in descending score order (ties to the lower index); every token joins
+    its nearest centre, every centre itself. The reference breaks density ties with uniform noise of 1e-6; here
+    they are left to the stable sorts, so results are deterministic.
 
     Args:
-        x: (B, N, C) tokens.
-        clusters: number of centres, clamped to [1, N] (N > 0).
-        knn: neighbours for the density, clamped to N (default 7, the reference's).
+        x: (M, C) tokens.
+        clusters: number of centres, clamped to [1, M] (M > 0).
+        knn: neighbours for the density (default 7, the reference's), clamped to M.
 
     Returns:
-        (assign (B, N) long in [0, clusters), centres (B, clusters) long), the centres in descending score order.
-
-    The reference adds uniform noise of 1e-6 to the densities to break ties; here a tie goes to the lower index
-    (it counts as the denser token), and equal scores rank the lower index first, so results are deterministic.
+        (assign (M,) long in [0, clusters), centres (clusters,) long).
     """
-    b, n, c = x.shape
-    clusters = max(1, min(check_count("clusters", clusters), n))
-    knn = max(1, min(check_count("knn", knn), n))
-    dist = torch.cdist(x.float(), x.float()) / c**0.5
-    nearest = dist.topk(knn, dim=-1, largest=False).values
-    density = (-(nearest**2).mean(dim=-1)).exp()
-    index = torch.arange(n, device=x.device)
-    denser = (density[:, None, :] > density[:, :, None]) | (
-        (density[:, None, :] == density[:, :, None]) & (index[None, :] < index[:, None])
-    )  # [b, i, j]: token j is denser than token i
-    farthest = dist.flatten(1).max(dim=-1).values[:, None, None]
-    parent = torch.where(denser, dist, farthest).min(dim=-1).values
-    centres = torch.sort(parent * density, dim=-1, descending=True, stable=True).indices[:, :clusters]
-    assign = dist.gather(1, centres[:, :, None].expand(b, clusters, n)).argmin(dim=1)
-    assign.scatter_(1, centres, torch.arange(clusters, device=x.device).expand(b, clusters))
+    clusters = max(1, min(check_count("clusters", clusters), x.shape[0]))
+    score, dist = density_peak_scores(x, max(1, check_count("knn", knn)))
+    centres = top_sorted(score, clusters)
+    assign = dist[centres].argmin(dim=0)
+    assign[centres] = torch.arange(clusters, device=x.device)
     return assign, centres
 
 
@@ -112,8 +101,8 @@ def temporal_segments(frames: Tensor, temporal_segment_ratio: float = 0.25, knn:
     """Frame counts of a clip's temporal segments: DPC-kNN on the frame means into ``int(T * ratio)`` clusters (at
     least one), refined into contiguous runs (:func:`refine_labels`). frames: (T, n, C) -> lengths summing to T."""
     t = frames.shape[0]
-    labels, _ = dpc_knn(frames.float().mean(dim=1)[None], max(1, int(t * temporal_segment_ratio)), knn)
-    return [end - start + 1 for _, start, end in label_runs(refine_labels(labels[0].tolist()))]
+    labels, _ = dpc_knn(frames.float().mean(dim=1), max(1, int(t * temporal_segment_ratio)), knn)
+    return [end - start + 1 for _, start, end in label_runs(refine_labels(labels.tolist()))]
 
 
 def static_similarity(frames: Tensor) -> Tensor:
@@ -167,17 +156,6 @@ def reference_clusters(size: int, cluster_ratio: float) -> int:
     return int(size * cluster_ratio) if size > 14 else size
 
 
-def allot(sizes: list[int], k: int) -> list[int]:
-    """Split a budget of k <= sum(sizes) tokens over parts in proportion to their sizes (largest remainder, ties to
-    the earlier part)."""
-    total = sum(sizes)
-    quota = torch.tensor(sizes, dtype=torch.float64) * k / max(total, 1)
-    counts = quota.floor().long()
-    extra = torch.sort(quota - counts, descending=True, stable=True).indices[: k - int(counts.sum())]
-    counts[extra] += 1
-    return counts.tolist()
-
-
 def cluster_parts(parts: list[Part], counts: list[int], num_tokens: int, knn: int) -> Selection:
     """Merge each part into ``counts`` DPC-kNN clusters (a part with 0 clusters is dropped) -> Selection of the clip's
     ``num_tokens`` grid tokens (one sample). A cluster's representative is its centre (a static centre: its first
@@ -193,7 +171,7 @@ def cluster_parts(parts: list[Part], counts: list[int], num_tokens: int, knn: in
         if count >= m:
             assign, centres = torch.arange(m, device=device), torch.arange(m, device=device)
         else:
-            assign, centres = (v[0] for v in dpc_knn(part.tokens[None], count, knn))
+            assign, centres = dpc_knn(part.tokens, count, knn)
         group[part.members] = (assign + offset).expand_as(part.members)
         reps.append(part.members[0, centres])
         offset += centres.numel()
@@ -244,7 +222,7 @@ def prunevid_merge(
     if merged < k:  # turn the least static positions back to dynamic until the budget fits
         extra = int(torch.searchsorted(regained_tokens(frames, segments, tau), k - merged)) + 1
         parts = clip_parts(frames, segments, tau, static_extra=extra)
-    return cluster_parts(parts, allot([p.tokens.shape[0] for p in parts], k), total, knn)
+    return cluster_parts(parts, largest_remainder([p.tokens.shape[0] for p in parts], k), total, knn)
 
 
 def regained_tokens(frames: Tensor, segments: list[int], tau: float) -> Tensor:
@@ -293,8 +271,8 @@ def prunevid_llm_keep(attention: Tensor, earlier: Selection, grid: tuple[int, in
     """PruneVid inside the LLM: keep the k tokens most attended by the question, part by part.
 
     The tokens are the K0 pre-LLM outputs of one clip (``earlier``); each part (:func:`llm_parts`: a segment's
-    static tokens, a frame's dynamic tokens) keeps its share of k in proportion to its size (:func:`allot`), the
-    reference's ``int(m * alpha)`` per part made exact.
+    static tokens, a frame's dynamic tokens) keeps its share of k in proportion to its size (largest remainders),
+    the reference's ``int(m * alpha)`` per part made exact.
 
     Args:
         attention: (1, K0) float32 attention of the question to the tokens.
@@ -306,7 +284,7 @@ def prunevid_llm_keep(attention: Tensor, earlier: Selection, grid: tuple[int, in
         (1, k) long indices into the K0 tokens, ascending.
     """
     part = llm_parts(earlier, grid).to(attention.device)
-    quota = torch.tensor(allot(torch.bincount(part).tolist(), k), device=attention.device)
+    quota = torch.tensor(largest_remainder(torch.bincount(part).tolist(), k), device=attention.device)
     return top_per_part(attention, part, quota)
 
 
