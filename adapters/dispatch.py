@@ -59,6 +59,10 @@ def attach(adapter, model, reducer, state, handles: list) -> None:
         else:
             adapter.check_layer(model, plan.layer, reducer)
             LayerPruning(session, lm, plan).attach(hooks)
+    elif session.prunes_in_llm and not reducer.is_identity():  # pre-LLM, then again inside the language model
+        plan = reducer.in_llm()
+        adapter.check_layer(model, plan.layer, reducer)
+        LayerPruning(session, lm, plan).attach(hooks)
     policy = reducer.in_decode()
     if policy is not None:
         DecodePruning(session, lm, policy).attach(hooks)

@@ -13,6 +13,13 @@ Layers < K keep their full cache, layers >= K only the kept tokens, so ``cache.g
 still reports the full length, which is what the model-level mask of layers < K needs. Decode steps: layers
 >= K get a mask built against their own (shorter) cache by the model's ``create_causal_mask(..., layer_idx=K)``.
 
+A "pre_llm" reducer whose ``in_llm`` gives a LayerPrune prunes twice: the session keeps its spans after the
+pre-LLM reduction (positions of the kept tokens in the shortened sequence, the pre-LLM Selection in ``run.earlier``),
+layer K's pre-hook chooses among those tokens with the LayerPrune's ``select`` and records both choices as one
+Selection of the span (original numbering), and ``state.extra["layer_lengths"]`` gives every layer's length.
+With ``question`` the score is the max over heads and over the question tokens (the non-visual prompt tokens after
+the span) of their attention at layer K-1, computed from their queries and the layer's keys.
+
 When the reducer re-selects at every decode step, nothing is removed: layers >= K keep the full sequence and
 cache and run with a mask that hides the visual tokens not chosen. At every decode step layer K-1's post-hook
 computes the new query's attention row over that layer's whole cache, layer K's pre-hook selects again per
@@ -27,12 +34,13 @@ import torch
 from torch import Tensor
 
 from tokreduce.context import Timer, TokenContext
-from tokreduce.similarity import attention_row
+from tokreduce.selection import Selection
+from tokreduce.similarity import attention_row, attention_rows_max
 from tokreduce.stages import LayerPrune
 
 from . import compat
 from .sequence import compact_positions, gather_last, gather_seq, left_pad_index
-from .session import record_span
+from .session import record_span, replace_span
 from .state import LayerCut, Track
 
 
@@ -96,7 +104,15 @@ def causal_mask(lm, hidden: Tensor, mask2d: Tensor, cache, positions: Tensor, la
 
 
 def shortened_kwargs(
-    lm, run, kwargs: dict, hidden: Tensor, index: Tensor, valid: Tensor, policy: str, layer_idx: int
+    lm,
+    run,
+    kwargs: dict,
+    hidden: Tensor,
+    index: Tensor,
+    valid: Tensor,
+    policy: str,
+    layer_idx: int,
+    mask: Tensor | None = None,
 ) -> tuple[dict, Track]:
     """What decoder layers run with on a shortened prompt, and its Track for the decode steps.
 
@@ -106,9 +122,11 @@ def shortened_kwargs(
         index, valid: (B, L) the left-padded gather from the whole prompt that made them (:func:`left_pad_index`).
         policy: "original" (kept tokens keep their positions and rotary embeddings) or "compact".
         layer_idx: the first layer that runs on them (its cache layer is still empty).
+        mask: (B, N) 2-D mask of the whole prompt the layers ran on (default the prompt's own).
     """
-    b, n = run.base_mask.shape
-    mask2d = (gather_seq(run.base_mask, index) * valid).to(run.base_mask.dtype)
+    mask = run.base_mask if mask is None else mask
+    b, n = mask.shape
+    mask2d = (gather_seq(mask, index) * valid).to(mask.dtype)
     layer_pos = kwargs.get("position_ids")
     # M-RoPE adapters record the (3, B, N) positions the rotary embedding takes; the layers' own
     # position_ids are then text positions (or None) that only masks / flash attention read.
@@ -170,10 +188,16 @@ class LayerPruning:
         n_layers = len(lm.layers)
         if not 1 <= self.k < n_layers:
             raise ValueError(
-                f"{self.reducer.name}: {plan.knob} must be in [1, {n_layers - 1}] for this model, got {self.k}"
+                f"{self.reducer.name}: {plan.knob} must be in [{1 - plan.knob_offset}, "
+                f"{n_layers - 1 - plan.knob_offset}] for this model, got {self.k - plan.knob_offset}"
             )
         self.queries = plan.queries
-        self.needs_attention = plan.queries > 0
+        self.needs_attention = plan.queries > 0 or plan.question
+        if session.stage == "pre_llm" and self.reducer.positions != "original":
+            raise ValueError(
+                f"{self.reducer.name}: pruning again inside the language model after a pre-LLM reduction needs "
+                f"positions='original', got {self.reducer.positions!r}"
+            )
         self.every_step = plan.reselect_every_step
         if self.every_step and (plan.queries != 1 or plan.keys):
             raise ValueError(
@@ -197,7 +221,7 @@ class LayerPruning:
     def prefill_run(self, hidden: Tensor):
         """The current prompt's Run if this forward is its (not yet pruned) prefill, else None."""
         run = self.session.run
-        if run is None or not run.spans or hidden.shape[1] != run.length or run.cut_done:
+        if run is None or not run.spans or run.cut_done or hidden.shape[1] != prompt_mask(run).shape[1]:
             return None
         return run
 
@@ -233,15 +257,22 @@ class LayerPruning:
         run = self.prefill_run(hidden)
         if run is None:
             return None
+        mask = prompt_mask(run)
         with torch.no_grad():
-            keys = cached_keys(cache, self.k - 1, run.length)
+            keys = cached_keys(cache, self.k - 1, mask.shape[1])
             if keys is None:  # no cache (or one we cannot read): one k projection, never a second layer run
                 keys = key_states(module, hidden, cos, sin)
             if self.plan.keys:
                 run.keys = keys.transpose(1, 2).flatten(2)
-            if self.needs_attention:
+            if self.plan.question:
+                index, valid = question_index(run.visual, mask)
+                query = query_states(
+                    module, gather_seq(hidden, index), gather_seq(cos, index), gather_seq(sin, index), index.shape[1]
+                )
+                run.question = (attention_rows_max(query, keys, scaling, mask.bool(), index), index, valid)
+            elif self.needs_attention:
                 query = query_states(module, hidden, cos, sin, self.queries)
-                run.attention = attention_row(query, keys, scaling, run.base_mask.bool())
+                run.attention = attention_row(query, keys, scaling, mask.bool())
                 self.session.state.extra["attention"] = run.attention  # (B, N) scores, for overlays and checks
         return None
 
@@ -271,28 +302,39 @@ class LayerPruning:
         out = hidden
         attention, run.attention = run.attention, None
         keys, run.keys = run.keys, None
+        question, run.question = run.question, None
         run.cut_done = True
         states = hidden
         if self.plan.final_norm:
             with torch.no_grad():
                 states = self.lm.norm(hidden)  # layer K-1's output through the model's final norm
-        text = (~run.visual) & run.base_mask.bool()
+        mask = prompt_mask(run)
+        text = (~run.visual) & mask.bool()
+        choose = self.plan.select or reducer.select
         run.span_tokens = [] if self.every_step else None
         with Timer(state), torch.no_grad():
             for span in run.spans:
                 pos = span.positions.to(hidden.device)
                 tokens = states[span.sample, pos][None]
-                ctx = TokenContext(grid=span.piece.grid, span=span.index)
+                earlier = run.earlier.get((span.sample, span.index))
+                if earlier is None and self.session.prunes_in_llm:  # the pre-LLM stage kept this span whole
+                    earlier = Selection.identity(1, span.piece.num_tokens, hidden.device)
+                ctx = TokenContext(grid=span.piece.grid, span=span.index, earlier=earlier)
                 if attention is not None:
                     ctx.attention = attention[span.sample, pos][None]
+                if question is not None:
+                    ctx.attention = question_attention(question, span.sample, pos)
                 if keys is not None:
                     t = text[span.sample].nonzero().squeeze(-1)
                     if self.plan.text_after_span:
                         t = t[t > pos.max()]
                     ctx.keys = keys[span.sample, pos][None]
                     ctx.text_hidden, ctx.text_keys = states[span.sample, t][None], keys[span.sample, t][None]
-                selection = reducer.select(tokens, ctx)
-                record_span(state, span, selection, "llm", int(span.positions[0]))
+                selection = choose(tokens, ctx)
+                if earlier is None:
+                    record_span(state, span, selection, "llm", int(span.positions[0]))
+                else:  # the span's record becomes both choices in one, in its original numbering
+                    replace_span(state, span, earlier.compose(selection.ascending()), "llm")
                 if run.span_tokens is not None:
                     run.span_tokens.append(tokens)
                 if selection.is_identity:
@@ -303,6 +345,12 @@ class LayerPruning:
                     self.check_no_merge(selection)
                     out = out.clone() if out is hidden else out
                     out[span.sample, kept] = selection.merge(hidden[span.sample, pos][None])[0].to(out.dtype)
+        if self.session.prunes_in_llm:  # per sample, the sequence each layer runs on (both stages), for FLOPs
+            before, after = mask.bool().sum(1).tolist(), (mask.bool() & stays).sum(1).tolist()
+            layers = len(self.lm.layers)
+            state.extra["layer_lengths"] = [
+                [x] * self.k + [y] * (layers - self.k) for x, y in zip(before, after, strict=True)
+            ]
         if bool(stays.all()):
             run.cut = None
             return None
@@ -314,7 +362,7 @@ class LayerPruning:
         index, valid = left_pad_index(stays)
         new_hidden = gather_seq(out, index)
         layer_kwargs, run.deep = shortened_kwargs(
-            self.lm, run, kwargs, new_hidden, index, valid, reducer.positions, self.k
+            self.lm, run, kwargs, new_hidden, index, valid, reducer.positions, self.k, mask
         )
         run.cut = LayerCut(layer_kwargs=layer_kwargs, index=index, valid=valid)
         return with_hidden(args, {**kwargs, **layer_kwargs}, new_hidden)
@@ -351,6 +399,33 @@ class LayerPruning:
     def check_no_merge(self, selection) -> None:
         if self.every_step and selection.assign is not None:
             raise ValueError(f"{self.reducer.name}: choosing again at every decode step masks tokens, it cannot merge")
+
+
+def prompt_mask(run) -> Tensor:
+    """(B, L) 2-D mask of the prompt as the language model sees it at the prefill (after any pre-LLM reduction)."""
+    return run.seq.mask if run.seq is not None and not run.decoding else run.base_mask
+
+
+def question_index(visual: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Sequence indices of the non-visual prompt tokens after each row's first visual token, left-aligned:
+    (index (B, Q), valid (B, Q)); padding slots point at the last token."""
+    b, n = visual.shape
+    after = visual.long().cumsum(dim=1) > 0
+    text = (~visual) & mask.bool() & after
+    count = text.sum(dim=1)
+    q = max(int(count.max()), 1)
+    order = torch.sort((~text).long(), dim=1, stable=True).indices[:, :q]
+    valid = torch.arange(q, device=visual.device)[None] < count[:, None]
+    return torch.where(valid, order, n - 1), valid
+
+
+def question_attention(question, sample: int, positions: Tensor) -> Tensor:
+    """(1, n) float32: max over the rows of the text tokens after the span (all of the sample's, if none is)."""
+    rows, index, valid = question
+    after = valid[sample] & (index[sample] > positions.max())
+    if not bool(after.any()):
+        after = valid[sample] | (index[sample] == index[sample].max())
+    return rows[sample][after][:, positions].amax(dim=0)[None]
 
 
 def keep_only(stays: Tensor, sample: int, positions: Tensor, kept: Tensor) -> None:

@@ -10,10 +10,14 @@ checks that a prefill with visual tokens recorded a selection and was not a deco
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
 from tokreduce.context import ReductionState, SpanSelection, Timer, TokenContext
+from tokreduce.selection import Selection
+from tokreduce.stages import LayerPrune
 
 from . import compat
 from .layout import Span, plan_spans
@@ -64,6 +68,46 @@ def record_span(state: ReductionState, span: Span, selection, stage: str, start:
         span.piece.num_tokens,
         selection.num_kept,
     )
+
+
+def replace_span(state: ReductionState, span: Span, selection, stage: str) -> None:
+    """Replace the recorded selection of ``span`` (an earlier stage's) by ``selection``, in the same numbering."""
+    row = state.selections[span.sample]
+    at = next(i for i, s in enumerate(row) if s.span == span.index)
+    old = row[at]
+    row[at] = dataclasses.replace(
+        old,
+        index=selection.index[0].detach().cpu(),
+        assign=None if selection.assign is None else selection.assign[0].detach().cpu(),
+        stage=stage,
+    )
+    state.stats.tokens_out[span.sample] += selection.num_kept - old.index.numel()
+
+
+def rebased_spans(
+    spans: list[Span], state: ReductionState, index: Tensor, valid: Tensor, length: int, earlier: dict
+) -> list[Span]:
+    """The spans in a shortened sequence: the positions of their kept tokens there; their recorded selections go to
+    ``earlier`` ((sample, span index) -> Selection of batch one, in the span's original numbering).
+
+    ``index`` / ``valid`` (B, L): the original position (of ``length``) of each slot of the shortened sequence
+    (:func:`shrink_sequence`).
+    """
+    where = torch.full((index.shape[0], length), -1, dtype=torch.long, device=index.device)
+    rows = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)
+    slots = torch.arange(index.shape[1], device=index.device).expand_as(index)
+    where[rows[valid], index[valid]] = slots[valid]
+    out = []
+    for span in spans:
+        record = next(s for s in state.selections[span.sample] if s.span == span.index)
+        device = span.positions.device
+        assign = None if record.assign is None else record.assign[None].to(device)
+        earlier[(span.sample, span.index)] = Selection(
+            index=record.index[None].to(device), num_tokens=record.num_tokens, assign=assign
+        )
+        kept = span.positions.to(index.device)[record.index.to(index.device)]
+        out.append(dataclasses.replace(span, positions=where[span.sample, kept]))
+    return out
 
 
 class Hooks:
@@ -168,7 +212,7 @@ def reduce_features(
             record_span(state, span, selection, stage, int(span.positions[0]))
             if selection.is_identity:
                 continue
-            values = reducer.apply(tokens, selection)  # the method's own aggregation of merged tokens
+            values = reducer.apply(tokens, selection, ctx=ctx)  # the method's own aggregation of merged tokens
             edits.write(span, offsets, selection.index[0], values[0])
     return edits.finish(placed, stays)
 
@@ -186,6 +230,8 @@ class Session:
         self.stage = reducer.stage
         self.run: Run | None = None
         self.call: Call | None = None  # what the pre-hook made of the running forward, checked after it
+        # a pre-LLM reducer that prunes again inside the language model keeps its spans after the reduction
+        self.prunes_in_llm = self.stage == "pre_llm" and isinstance(reducer.in_llm(), LayerPrune)
 
     def watch(self, hooks: Hooks) -> None:
         """Hook the inner model's forward: :meth:`pre_hook` reduces, :meth:`post_hook` checks that it did."""
@@ -357,7 +403,10 @@ class Session:
         )
         run.seq = track
         run.visual = gather_seq(run.visual, index) & valid
-        run.spans = []  # positions changed; later stages (decode-time policies) use run.visual instead
+        # positions changed: later stages (decode-time policies) use run.visual, a later prune the rebased spans
+        run.spans = (
+            rebased_spans(run.spans, self.state, index, valid, run.length, run.earlier) if self.prunes_in_llm else []
+        )
         for name in self.adapter.vision_inputs():
             if name in new:
                 new[name] = None

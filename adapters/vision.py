@@ -78,6 +78,7 @@ class Record:
         merged: the composed merge over the rows' [CLS] + patch tokens (None: nothing merged).
         scores, metric, hidden: one-layer per-row (R, T) scores, (R, T, D) metric, (R, T, C) feature-layer
             hidden states, CLS token included.
+        logits: (R, T, T) that layer's head-mean pre-softmax attention logits, when the reducer asks for them.
         plans: per item of the call, how its rows become its tokens (one-layer scoring).
         extra: counts for ``state.extra`` (tokens per layer, sizes, schedule).
     """
@@ -88,6 +89,7 @@ class Record:
     scores: Tensor | None = None
     metric: Tensor | None = None
     hidden: Tensor | None = None
+    logits: Tensor | None = None
     plans: list[ItemRows] | None = None
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
@@ -152,7 +154,7 @@ class VisionSession(Session):
                     f"{reducer.name} layer must be an encoder layer index in [{-n}, {n - 1}] for this vision tower, "
                     f"got {layer}"
                 )
-            self.tap = ScoreTap(tower, layer % n)
+            self.tap = ScoreTap(tower, layer % n, logits=mode.logits)
 
     def attach(self, hooks) -> None:
         if self.merging is not None:
@@ -225,6 +227,7 @@ class VisionSession(Session):
             )
         record = Record(rows=found["scores"].shape[0], strategy=strategy, seconds=found["seconds"])
         record.scores, record.metric, record.hidden = found["scores"], found["metric"], found["hidden"]
+        record.logits = found.get("logits")
         record.plans = self.adapter.vision_rows(self.inner, modality, call)
         if sum(plan.rows for plan in record.plans) != record.rows:
             raise ValueError(
@@ -349,6 +352,8 @@ class VisionSession(Session):
         cls = p if self.mode.keep_cls else 0  # CLS tokens among the candidates
         hidden, scores, metric = (t[row : row + 1, p - cls :] for t in (record.hidden, record.scores, record.metric))
         ctx = TokenContext(attention=scores, metric=metric, protected=cls)
+        if record.logits is not None:  # every token's row (the CLS row first) to the candidates
+            ctx.logits = record.logits[row : row + 1, :, p - cls :]
         merged, selection = reducer.reduce(hidden, ctx)
         projected = self.inner.multi_modal_projector(merged)[0]  # (K, C): the paper's projector input
         summary = torch.zeros(selection.num_kept, dtype=torch.bool, device=projected.device)

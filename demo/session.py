@@ -24,7 +24,7 @@ from PIL import Image
 import tokreduce
 from tokreduce import toy
 from tokreduce.eval.measure import time_prefill
-from tokreduce.flops import LMShape, layer_lengths, prefill_flops, reduction_layer
+from tokreduce.flops import LMShape, layer_lengths, prefill_flops, two_stage
 from tokreduce.prompts import chat_inputs
 from tokreduce.viz import overlay_spans
 
@@ -111,7 +111,7 @@ class Comparison:
 def method_info(name: str) -> MethodInfo:
     """Stage and default layer of a registered method (its defaults, from ``tokreduce.get_reducer``)."""
     reducer = tokreduce.get_reducer(name)
-    return MethodInfo(name, reducer.stage, reduction_layer(reducer) or None)
+    return MethodInfo(name, reducer.stage, two_stage(reducer, 0)[0] or None)
 
 
 def toy_examples(images: int = 3, videos: int = 3) -> list[Example]:
@@ -182,7 +182,8 @@ class DemoSession:
         if info.layer is not None and layer is not None:
             if not 1 <= int(layer) < self.llm_layers:
                 raise ValueError(f"layer must be in [1, {self.llm_layers - 1}] for this model, got {layer}")
-            knobs["layer"] = int(layer)
+            plan = tokreduce.get_reducer(method).in_llm()  # its name for the layer (PruneVid: selected_layer = K - 1)
+            knobs[plan.knob] = int(layer) - plan.knob_offset
         return tokreduce.get_reducer(method, **knobs)
 
     def _prefill_seconds(self, inputs: dict) -> float:

@@ -103,6 +103,22 @@ def test_video_overlay_is_a_frame_grid(session, method, keep):
         assert np.asarray(c.overlay).astype(int).sum() < np.asarray(full).astype(int).sum()
 
 
+def test_video_overlay_shows_prunevid_merges(session):
+    """PruneVid's merged groups (static positions over frames, spatial clusters) reach the frame mosaic."""
+    from tokreduce.viz import token_roles
+
+    info = method_info("prunevid")  # merges before the LLM, prunes again from layer selected_layer + 1 = 11
+    assert info.stage == "pre_llm" and info.layer == 11
+    media, question = example(session, "video")
+    c = session.compare(media, question, "prunevid", keep=0.25, layer=2)  # selected_layer 1 on the 4-layer toy
+    (sel,) = c.selections
+    assert sel.grid == (8, 3, 3) and c.tokens_out == 18 and sel.assign is not None and sel.stage == "llm"
+    assert c.flops_reduced == prefill_flops(session.shape, [c.seq_full - 72 + 45] * 2 + [c.seq_reduced] * 2)
+    group, merged = token_roles(sel.num_tokens, sel.index, sel.assign)
+    assert merged.any()  # some cells are tinted as members of a merged group
+    assert c.overlay.size == (4 * TILE + 3 * 4, 2 * TILE + 4 + CAPTION)
+
+
 def test_llm_method_counts_full_layers_before_pruning(session):
     media, question = example(session, "video")
     c = session.compare(media, question, "fastv", keep=0.25, layer=1)

@@ -109,3 +109,15 @@ def test_ideal_from_a_real_config_shape():
     ideal = ideal_reduction(config, visual=100, kept=25, text=10, layer=2)
     assert ideal.lengths == (110, 110, 35)
     assert ideal.full_kv_bytes == 3 * 110 * 2 * 2 * 16 * 2
+
+
+def test_two_stage_reducers_shorten_the_early_layers_too():
+    """A pre-LLM stage, then a prune at a decoder layer (PruneVid): layers before it see the pre-LLM length."""
+    from tokreduce.flops import two_stage
+
+    prunevid = tokreduce.get_reducer("prunevid", keep=0.2, selected_layer=0)  # 0.5 before the LLM, 0.2 from layer 1
+    assert two_stage(prunevid, 10) == (1, 5)
+    assert two_stage(tokreduce.get_reducer("fastv", keep=0.5, layer=1), 10) == (1, None)
+    assert two_stage(tokreduce.get_reducer("divprune", keep=0.5), 10) == (0, None)
+    ideal = ideal_reduction(TINY, visual=10, kept=2, text=2, layer=1, early_kept=5)
+    assert ideal.lengths == (7, 4)

@@ -8,13 +8,18 @@ import tokreduce
 from tokreduce import TokenContext
 from tokreduce.adapters.compat import encoder_output
 
-PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom"]
+PRE_LLM = [
+    "random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom",
+    "prunevid",
+]  # fmt: skip
 ALL = tokreduce.list_reducers()
 
 
 def knobs(name: str, keep):
     if name == "pool" and keep != 1.0:
         return {"factor": 2}
+    if name == "prunevid":  # its pre-LLM stage alone (the LLM stage is tested in test_prunevid_models.py)
+        return {"keep": keep, "alpha": 1.0}
     return {"keep": keep}
 
 
@@ -63,11 +68,11 @@ def test_matches_hand_built_reference(llava, name):
     assert [len(s.index) for s in state.selections[0]] == [len(r) for r in reduced]
 
 
-@pytest.mark.parametrize("name", ["divprune", "random", "tome", "cdpruner", "pitome", "fastvid", "holitom"])
+@pytest.mark.parametrize("name", ["divprune", "random", "tome", "cdpruner", "pitome", "fastvid", "holitom", "prunevid"])
 def test_ragged_batch_equals_single_runs(llava, name):
     counts = (1, 3, 2)
     inputs = llava_inputs(counts, seed=5)
-    with torch.no_grad(), tokreduce.get_reducer(name, keep=0.4)(llava) as state:
+    with torch.no_grad(), tokreduce.get_reducer(name, **knobs(name, 0.4))(llava) as state:
         batched = llava.generate(**inputs, max_new_tokens=5, do_sample=False)
         batch_sel = [[s.index.tolist() for s in row] for row in state.selections]
         for i in range(len(counts)):
@@ -128,7 +133,7 @@ def test_unsupported_model_type_is_refused():
             pass
 
 
-@pytest.mark.parametrize("method", ["uniform", "cdpruner", "pitome", "fastvid", "holitom"])
+@pytest.mark.parametrize("method", ["uniform", "cdpruner", "pitome", "fastvid", "holitom", "prunevid"])
 @pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision", "llava_next_video"])
 def test_anyres_and_video_families(model_type, method):
     """Newline tokens survive, each grid is reduced to its budget, pixels and generate() paths agree."""
@@ -140,7 +145,7 @@ def test_anyres_and_video_families(model_type, method):
         ref = model(**inputs).logits
         with tokreduce.get_reducer(method, keep=1.0)(model):
             assert torch.equal(model(**inputs).logits, ref)
-        with tokreduce.get_reducer(method, keep=0.5)(model) as state:
+        with tokreduce.get_reducer(method, **knobs(method, 0.5))(model) as state:
             out = model(**inputs).logits
             sel_forward = [[(s.grid, s.index.tolist()) for s in row] for row in state.selections]
             model.generate(**inputs, max_new_tokens=2, do_sample=False)

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, VIDEO_TOKEN, anyres_inputs, build, llava_inputs, single
+from conftest import IMAGE_TOKEN, VIDEO_TOKEN, anyres_inputs, build, first_slots_logits, llava_inputs, single
 
 import tokreduce
-from tokreduce.adapters.compat import encoder_output
 from tokreduce.adapters.tower import layer_scores
 
 FAMILIES = ["llava", "llava_next", "llava_onevision", "llava_next_video"]
@@ -106,17 +105,8 @@ def test_visionzip_llava_matches_hand_built_reference(models):
         metric = keys.view(2, 17, 4, -1).mean(2)[:, 1:]
         patches = tokreduce.functional.visionzip(hidden[:, 1:], cls_attention, metric, dominant - 1, contextual)
         projected = model.model.multi_modal_projector(torch.cat([hidden[:, :1], patches], 1))  # [CLS, dom, ctx]
-        ids = inputs["input_ids"][0]
-        keep = torch.ones_like(ids, dtype=torch.bool)
-        starts = (ids == IMAGE_TOKEN).nonzero().squeeze(-1).view(2, 16)[:, 0]
-        for start in starts:  # the reference's tokens fill the first slots of the run, in order
-            keep[start + dominant + contextual : start + 16] = False
-        ref = model(
-            input_ids=ids[keep][None],
-            attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
-            position_ids=torch.arange(len(ids))[keep][None],
-            mm_encoder_outputs={"image": encoder_output(list(projected))},
-        ).logits
+        # the reference's tokens fill the first slots of the run, in order
+        ref = first_slots_logits(model, inputs["input_ids"][0], dominant + contextual, projected)
         with tokreduce.VisionZip(dominant=dominant, contextual=contextual)(model) as state:
             got = model(**inputs).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -186,6 +176,7 @@ REDUCERS = {
     "visionzip": lambda: tokreduce.VisionZip(keep=0.4),
     "tome": lambda: tome(r=2),
     "pitome": lambda: tokreduce.PiToMe(ratio=0.8, stage="vision"),
+    "ficoco": lambda: tokreduce.FiCoCo(keep=0.4),
 }
 
 
@@ -205,7 +196,13 @@ def test_ragged_batch_equals_single_runs(models, name):
 
 @pytest.mark.parametrize(
     "model_type,name",
-    [("llava", "visionzip"), ("llava", "tome"), ("llava", "pitome"), ("llava_onevision", "visionzip")],
+    [
+        ("llava", "visionzip"),
+        ("llava", "tome"),
+        ("llava", "pitome"),
+        ("llava_onevision", "visionzip"),
+        ("llava_onevision", "ficoco"),
+    ],
 )
 def test_cached_decode_matches_recomputation(models, model_type, name):
     """Cached decode == a no-cache forward over prompt + generated tokens, under both position policies."""

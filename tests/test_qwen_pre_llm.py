@@ -18,7 +18,10 @@ import tokreduce
 from tokreduce import TokenContext
 from tokreduce.adapters.compat import cache_kwargs, output_cache
 
-PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom"]
+PRE_LLM = [
+    "random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom",
+    "prunevid",
+]  # fmt: skip
 ALL = tokreduce.list_reducers()
 ITEMS = [("image", (1, 4, 8)), ("video", (4, 4, 4))]  # one image (8 tokens) and one 4-frame video (16 tokens)
 
@@ -26,6 +29,8 @@ ITEMS = [("image", (1, 4, 8)), ("video", (4, 4, 4))]  # one image (8 tokens) and
 def knobs(name: str, keep):
     if name == "pool" and keep != 1.0:
         return {"factor": 2}
+    if name == "prunevid":  # its pre-LLM stage alone (the LLM stage is tested in test_prunevid_models.py)
+        return {"keep": keep, "alpha": 1.0}
     if name in ("fastv", "dart"):
         return {"keep": keep, "layer": 2}
     return {"keep": keep}

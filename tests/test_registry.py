@@ -22,6 +22,8 @@ EXPECTED = {
     "evs",
     "fastvid",
     "holitom",
+    "prunevid",
+    "ficoco",
 }
 
 

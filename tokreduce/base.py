@@ -125,11 +125,14 @@ class Reducer:
         selection = self.select(tokens, ctx)
         if selection.is_identity:
             return tokens, selection
-        return self.apply(tokens, selection, ctx.size if ctx is not None else None), selection
+        return self.apply(tokens, selection, ctx.size if ctx is not None else None, ctx), selection
 
-    def apply(self, tokens: Tensor, selection: Selection, size: Tensor | None = None) -> Tensor:
+    def apply(
+        self, tokens: Tensor, selection: Selection, size: Tensor | None = None, ctx: TokenContext | None = None
+    ) -> Tensor:
         """The values a selection leaves: (B, N, C) -> (B, K, C). Default: kept tokens, merge groups averaged
-        (size-weighted); a method whose paper aggregates differently overrides this."""
+        (size-weighted); a method whose paper aggregates differently overrides this (``ctx``: what ``select`` was
+        told, for an aggregation that needs it)."""
         return selection.merge(tokens, size)
 
     # -- model level --------------------------------------------------------------------------------------

@@ -59,11 +59,12 @@ def _per_layer(lengths: int | list[int], layers: int) -> list[int]:
     return list(lengths)
 
 
-def layer_lengths(shape: LMShape, full: int, reduced: int, layer: int = 0) -> list[int]:
-    """Sequence length per decoder layer when visual tokens are pruned at ``layer`` (0 = before the LLM)."""
+def layer_lengths(shape: LMShape, full: int, reduced: int, layer: int = 0, early: int | None = None) -> list[int]:
+    """Sequence length per decoder layer when visual tokens are pruned at ``layer`` (0 = before the LLM); layers before
+    ``layer`` see ``early`` tokens (default ``full``; fewer after a pre-LLM stage of a two-stage method)."""
     if not 0 <= layer <= shape.layers:
         raise ValueError(f"layer must be in [0, {shape.layers}], got {layer}")
-    return [full] * layer + [reduced] * (shape.layers - layer)
+    return [full if early is None else early] * layer + [reduced] * (shape.layers - layer)
 
 
 def prefill_flops(shape: LMShape, lengths: int | list[int]) -> int:
@@ -103,7 +104,9 @@ class ViTShape:
         config = getattr(config, "vision_config", None) or config
         hidden = getattr(config, "hidden_size", None) or config.embed_dim
         intermediate = getattr(config, "intermediate_size", None) or int(hidden * getattr(config, "mlp_ratio", 4))
-        return ViTShape(hidden=hidden, layers=getattr(config, "num_hidden_layers", None) or config.depth, intermediate=intermediate)
+        return ViTShape(
+            hidden=hidden, layers=getattr(config, "num_hidden_layers", None) or config.depth, intermediate=intermediate
+        )
 
 
 def vit_flops(shape: ViTShape, tokens: int | list[int]) -> int:
@@ -145,7 +148,13 @@ class IdealReduction:
 
 
 def ideal_reduction(
-    config, visual: int, kept: int, text: int, layer: int = 0, dtype: torch.dtype = torch.bfloat16
+    config,
+    visual: int,
+    kept: int,
+    text: int,
+    layer: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    early_kept: int | None = None,
 ) -> IdealReduction:
     """Ideal prefill FLOPs and KV bytes when ``visual`` tokens shrink to ``kept`` at decoder layer ``layer``.
 
@@ -157,12 +166,14 @@ def ideal_reduction(
         layer: first decoder layer that sees the reduced sequence; 0 for methods acting before the LLM
             (layers < ``layer`` process, and cache, all ``visual + text`` tokens).
         dtype: dtype of the KV cache.
+        early_kept: visual tokens layers < ``layer`` see (default ``visual``; fewer when a pre-LLM stage came first).
     """
     shape = config if isinstance(config, LMShape) else LMShape.from_config(config)
     if not 0 <= kept <= visual or text < 0:
         raise ValueError(f"need 0 <= kept <= visual and text >= 0, got visual={visual}, kept={kept}, text={text}")
     full = visual + text
-    lengths = layer_lengths(shape, full, kept + text, layer)
+    early = None if early_kept is None else early_kept + text
+    lengths = layer_lengths(shape, full, kept + text, layer, early)
     return IdealReduction(
         full_flops=prefill_flops(shape, full),
         reduced_flops=prefill_flops(shape, lengths),
@@ -182,6 +193,15 @@ def reduction_layer(reducer) -> int:
     """
     plan = reducer.in_llm() if reducer is not None and reducer.stage == "llm" else None
     return int(getattr(plan, "layer", 0))
+
+
+def two_stage(reducer, visual: int, grid: tuple[int, int, int] | None = None) -> tuple[int, int | None]:
+    """(layer, visual tokens before it) of a pre-LLM reducer that prunes again at a decoder layer (its ``in_llm()``
+    gives a LayerPrune); (:func:`reduction_layer`, None) for any other reducer."""
+    plan = reducer.in_llm() if reducer is not None and reducer.stage == "pre_llm" else None
+    if plan is None or not hasattr(plan, "select"):
+        return reduction_layer(reducer), None
+    return int(plan.layer), reducer.num_kept(visual, grid)
 
 
 def ideal_for_method(

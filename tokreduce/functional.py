@@ -6,10 +6,12 @@ from .methods.divprune import divprune
 from .methods.dycoke import dycoke_keep_mask, dycoke_kv_select, dycoke_ttm
 from .methods.evs import evs, evs_dissimilarity, evs_retained_count
 from .methods.fastvid import density_peak_scores, dynamic_segments, fastvid, frame_quotas
+from .methods.ficoco import ficoco, ficoco_compress, ficoco_select
 from .methods.framefusion import frame_merge
 from .methods.holitom import cluster_merge, holitom, largest_remainder, static_windows
 from .methods.pitome import pitome, pitome_matching
 from .methods.pool import pool_assignment
+from .methods.prunevid import dpc_knn, prunevid_merge, refine_labels, temporal_segments
 from .methods.random import random_scores
 from .methods.tome import bipartite_soft_matching, parse_r, tome
 from .methods.uniform import uniform_indices
@@ -25,6 +27,7 @@ __all__ = [
     "dart",
     "density_peak_scores",
     "divprune",
+    "dpc_knn",
     "dpp_greedy",
     "dycoke_keep_mask",
     "dycoke_kv_select",
@@ -34,6 +37,9 @@ __all__ = [
     "evs_dissimilarity",
     "evs_retained_count",
     "fastvid",
+    "ficoco",
+    "ficoco_compress",
+    "ficoco_select",
     "frame_merge",
     "frame_quotas",
     "holitom",
@@ -42,8 +48,11 @@ __all__ = [
     "pitome",
     "pitome_matching",
     "pool_assignment",
+    "prunevid_merge",
     "random_scores",
+    "refine_labels",
     "static_windows",
+    "temporal_segments",
     "tome",
     "uniform_indices",
     "vidcom2",

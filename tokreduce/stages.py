@@ -15,7 +15,8 @@ Adapters never ask which method they run; they read these declarations from the 
   besides the span's tokens (the instruction's token embeddings).
 
 A method that acts at two stages (DyCoke: pre-LLM merge, then a decode-time cache policy) declares both in
-its one file.
+its one file. A "pre_llm" reducer whose ``in_llm`` gives a :class:`LayerPrune` prunes again inside the language
+model: its ``select`` reduces before the LLM, the LayerPrune's ``select`` at layer K.
 """
 
 from __future__ import annotations
@@ -50,7 +51,16 @@ class LayerPrune:
             layer K-1 over the whole cache (needs ``queries == 1`` and no ``keys``). Layers >= K then keep their
             full KV cache and attend, through a mask made at each step, to the chosen visual entries and every
             other entry; nothing is removed physically.
-        knob: the method's name for ``layer`` in error messages.
+        question: score with the attention rows of every non-visual prompt token after the span (the question and
+            what follows it) at layer K-1, post-softmax (float32), max over heads and over those rows, as
+            ``TokenContext.attention``; ``queries`` is then not used.
+        select: ``(tokens (1, n, C), ctx) -> Selection`` of the n tokens, the choice at layer K of a "pre_llm" reducer
+            (whose own ``select`` acted before the LLM); None: the reducer's ``select``. Its ``ctx.earlier`` is the
+            span's pre-LLM Selection (in the span's original numbering; the n tokens are its outputs) and
+            ``ctx.grid`` the span's original grid. Needs ``positions="original"``.
+        knob: the method's name for ``layer`` in error messages (and the demo's layer slider).
+        knob_offset: the knob's value is ``layer - knob_offset`` (PruneVid's ``selected_layer`` names the layer whose
+            attention chooses, K - 1: offset 1).
     """
 
     layer: int
@@ -59,7 +69,10 @@ class LayerPrune:
     final_norm: bool = False
     text_after_span: bool = False
     reselect_every_step: bool = False
+    question: bool = False
+    select: Callable[[Tensor, TokenContext], Selection] | None = None
     knob: str = "layer"
+    knob_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -196,9 +209,12 @@ class LayerScore:
             with the patches, does not enter the budget). The returned reducer declares its own ``LayerScore``.
         summaries: ``(selection, ctx) -> (B, K) bool``, the kept tokens that summarise others (merged tokens) and
             go after the rest; None: every kept token stands for itself.
+        logits: also hand over that layer's pre-softmax attention logits, mean over heads, as
+            ``TokenContext.logits`` (the CLS token's row first where the encoder has one).
     """
 
     layer: int | None
     keep_cls: bool
     for_rows: Callable[[int, int], object]
     summaries: Callable[[Selection, TokenContext], Tensor] | None = None
+    logits: bool = False

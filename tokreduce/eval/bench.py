@@ -62,7 +62,7 @@ from pathlib import Path
 
 import torch
 
-from tokreduce.flops import LMShape, ideal_reduction, reduction_layer
+from tokreduce.flops import LMShape, ideal_reduction, two_stage
 from tokreduce.roofline import Machine, roofline_ratio, roofline_seconds
 
 from .bench_models import (
@@ -216,7 +216,8 @@ def bench_cell(
     kept = sum(state.stats.tokens_out)
     if sum(state.stats.tokens_in) != prompt.visual:
         raise RuntimeError(f"{method}: reduced {sum(state.stats.tokens_in)} visual tokens, expected {prompt.visual}")
-    ideal = ideal_reduction(shape, prompt.visual, kept, prompt.text, reduction_layer(reducer), model.dtype)
+    layer, early = two_stage(reducer, prompt.visual, prompt.grid)
+    ideal = ideal_reduction(shape, prompt.visual, kept, prompt.text, layer, model.dtype, early)
     per_token = 2 * shape.kv_heads * shape.head_dim * model.dtype.itemsize
     error = max(abs(b - per_token * n) / (per_token * n) for b, n in zip(layer_bytes, ideal.lengths, strict=True))
     full_s, reduced = statistics.median(full), statistics.median(times)

@@ -11,10 +11,12 @@ from .dycoke import DyCoke, DyCokeReducer
 from .evs import EVS, EVSReducer
 from .fastv import FastV, FastVReducer
 from .fastvid import FastVID, FastVIDReducer
+from .ficoco import FiCoCo, FiCoCoReducer
 from .framefusion import FrameFusion, FrameFusionReducer
 from .holitom import HoliTom, HoliTomReducer
 from .pitome import PiToMe, PiToMeReducer
 from .pool import Pool, PoolReducer
+from .prunevid import PruneVid, PruneVidReducer
 from .random import Random, RandomReducer
 from .tome import ToMe, ToMeReducer
 from .uniform import Uniform, UniformReducer
