@@ -127,6 +127,19 @@ def layer_parts(layer) -> BlockParts:
     return BlockParts(attention=attention, mlp=mlp, original=layer.forward, scale=attn.scale)
 
 
+# Adapted from transformers/models/clip/modeling_clip.py (v5.23): CLIPEncoderLayer.forward + CLIPAttention.forward
+# (SDPA), also returning the CLS row of the attention and the values for a LayerwisePrune.
+def scored_layer(layer, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One CLIP layer on ``x`` (R, n, C) [CLS, patches] -> (out, CLS attention row (R, H, n) float32, values)."""
+    attn = layer.self_attn
+    q, k, v = project(layer, x, values=True)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if attn.training else 0.0, scale=attn.scale)
+    hidden = x + attn.out_proj(out.transpose(1, 2).reshape(x.shape))
+    hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+    cls_row = (q[:, :, :1].float() @ k.float().transpose(-1, -2) * attn.scale).softmax(dim=-1)[:, :, 0]
+    return hidden, cls_row, v
+
+
 class ScoreTap:
     """Hooks that capture one layer's token scores (from its input) and the feature layer's output.
 

@@ -4,6 +4,7 @@ from .methods.dart import dart
 from .methods.divprune import divprune
 from .methods.dycoke import dycoke_keep_mask, dycoke_kv_select, dycoke_ttm
 from .methods.evs import evs, evs_dissimilarity, evs_retained_count
+from .methods.flowcut import flowcut_prune_count, flowcut_scores, flowcut_step
 from .methods.framefusion import frame_merge
 from .methods.pool import pool_assignment
 from .methods.random import random_scores
@@ -24,6 +25,9 @@ __all__ = [
     "evs",
     "evs_dissimilarity",
     "evs_retained_count",
+    "flowcut_prune_count",
+    "flowcut_scores",
+    "flowcut_step",
     "frame_merge",
     "parse_r",
     "pool_assignment",

@@ -9,6 +9,7 @@ from .divprune import DivPrune, DivPruneReducer
 from .dycoke import DyCoke, DyCokeReducer
 from .evs import EVS, EVSReducer
 from .fastv import FastV, FastVReducer
+from .flowcut import FlowCut, FlowCutReducer
 from .framefusion import FrameFusion, FrameFusionReducer
 from .pool import Pool, PoolReducer
 from .random import Random, RandomReducer
