@@ -155,7 +155,7 @@ class VisionSession(Session):
         self.in_tower = getattr(adapter, "vision_in_tower", False)
         self.records: dict[str, Record] = {}  # modality -> the latest feature-function call of this prompt
         self.merging = MergingTower(tower, reducer, mode) if isinstance(mode, BlockMerge) else None
-        self.tap = self.layerwise = None
+        self.tap = self.layerwise = self.layouts = None
         if isinstance(mode, LayerwisePrune):
             layers = tower.layers
             plain = lambda i, x: self.originals[i](x, None)  # noqa: E731
@@ -255,10 +255,15 @@ class VisionSession(Session):
         vision = self.inner.config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
         plans = self.adapter.vision_rows(self.inner, modality, call)
+        items = (self.layouts or {}).get(modality) or []
+        if len(items) == len(plans):  # the item's tokens in the language model, as one-layer scoring counts them
+            sizes = [sum(piece.num_tokens for piece in item.pieces) for item in items]
+        else:  # the tower called outside a prefill: the tower's own patches
+            sizes = [plan.rows * patches for plan in plans]
         run = self.layerwise
         run.budgets = [
-            self.mode.for_rows(plan.rows * patches, plan.rows).num_kept(patches)
-            for plan in plans
+            self.mode.for_rows(n, plan.rows).num_kept(patches)
+            for n, plan in zip(sizes, plans, strict=True)
             for _ in range(plan.rows)
         ]
         run.seconds, run.kept = 0.0, []
@@ -302,6 +307,13 @@ class VisionSession(Session):
             # pixels, a pair the model refuses when nothing was reduced
             return (), {**kw, "mm_encoder_outputs": None}
         return out
+
+    def encoded(self, kw: dict, features: dict | None, layouts: dict) -> dict:
+        self.layouts = layouts  # a layerwise pruning sizes each row's budget from its item's tokens
+        try:
+            return super().encoded(kw, features, layouts)
+        finally:
+            self.layouts = None
 
     def all_identity(self, spans) -> bool:
         # a merge schedule is not a per-span budget; an identity reducer never gets here (dispatch)
