@@ -6,8 +6,9 @@ its own: rows with the same number of tokens and the same budget run together as
 block a group splits by the rows' new lengths. Between blocks the encoder passes a tensor: the single group's
 tokens, or (groups of different lengths) a zero-padded stack that the next replaced block ignores. The feature
 block returns every row at full length, the kept tokens at their original places (zeros elsewhere), so that
-the model's own feature selection, projector and packing see the usual shapes; ``kept`` lists each row's kept
-patches (ascending).
+the model's own feature selection, projector and packing see the usual shapes (``scatter``, LLaVA towers), or
+only [CLS, kept patches] (a plain ViT, whose head reads them); ``kept`` lists each row's kept patches
+(ascending).
 """
 
 from __future__ import annotations
@@ -20,6 +21,17 @@ import torch
 from torch import Tensor
 
 from tokreduce.stages import LayerwisePrune
+
+from .vit_common import BlockParts
+
+
+def scored_block(parts: BlockParts, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A block on ``x`` (R, n, C) [CLS, patches] -> (out, the CLS row of its attention (R, H, n) float32, values)."""
+    x_attn, q, k, v = parts.attention(x, None)
+    out = x + x_attn
+    out = out + parts.mlp(out)
+    cls_row = ((q[:, :, :1].float() * parts.scale) @ k.float().transpose(-1, -2)).softmax(dim=-1)[:, :, 0]
+    return out, cls_row, v
 
 
 @dataclass
@@ -39,10 +51,11 @@ class LayerwiseRun:
         feature: the block whose output the model uses (F).
         scored: ``(i, x (g, n, C)) -> (out (g, n, C), cls attention (g, H, n) float32, values (g, H, n, D))``.
         plain: ``(i, x) -> out``, block i as the model runs it.
+        scatter: the feature block returns full-length rows (else [CLS, kept patches], equal budgets).
     """
 
-    def __init__(self, mode: LayerwisePrune, feature: int, scored: Callable, plain: Callable):
-        self.mode, self.feature, self.scored, self.plain = mode, feature, scored, plain
+    def __init__(self, mode: LayerwisePrune, feature: int, scored: Callable, plain: Callable, scatter: bool = True):
+        self.mode, self.feature, self.scored, self.plain, self.scatter = mode, feature, scored, plain, scatter
         self.budgets: list[int] | None = None  # per row, set for one encoder call (None: blocks run as usual)
         self.groups: list[_Group] = []
         self.kept: list[Tensor] = []
@@ -115,15 +128,22 @@ class LayerwiseRun:
         return out
 
     def finish(self, rows: int) -> Tensor:
-        """Every row at full length (kept tokens in place, zeros elsewhere); ``kept`` per row."""
+        """The feature block's output (see ``scatter``); ``kept`` per row."""
         first = self.groups[0].hidden
-        out = first.new_zeros(rows, self.n_in, first.shape[-1])
         self.kept = [None] * rows
         for g in self.groups:
-            out[g.rows, 0] = g.hidden[:, 0]
-            slots = (g.source + 1)[..., None].expand(-1, -1, first.shape[-1])
-            out[g.rows] = out[g.rows].scatter(1, slots, g.hidden[:, 1:])
             for r, source in zip(g.rows.tolist(), g.source, strict=True):
                 self.kept[r] = source
+        if self.scatter:
+            out = first.new_zeros(rows, self.n_in, first.shape[-1])
+            for g in self.groups:
+                slots = torch.cat([torch.zeros_like(g.source[:, :1]), g.source + 1], dim=1)
+                out[g.rows] = out[g.rows].scatter(1, slots[..., None].expand(-1, -1, first.shape[-1]), g.hidden)
+        elif len({g.hidden.shape[1] for g in self.groups}) > 1:
+            raise ValueError("rows of one encoder call with different budgets cannot leave a plain ViT together")
+        else:
+            out = first.new_empty(rows, *first.shape[1:])
+            for g in self.groups:
+                out[g.rows] = g.hidden
         self.output = out
         return out

@@ -115,29 +115,16 @@ def layer_parts(layer) -> BlockParts:
     """One CLIP / SigLIP encoder layer as :class:`BlockParts`."""
     attn = layer.self_attn
 
-    def attention(x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def attention(x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         q, k, v = project(layer, x, values=True)
         drop = attn.dropout if attn.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=cast_bias(bias, q), dropout_p=drop, scale=attn.scale)
-        return attn.out_proj(out.transpose(1, 2).reshape(x.shape)), q, k
+        return attn.out_proj(out.transpose(1, 2).reshape(x.shape)), q, k, v
 
     def mlp(x: Tensor) -> Tensor:
         return layer.mlp(layer.layer_norm2(x))
 
     return BlockParts(attention=attention, mlp=mlp, original=layer.forward, scale=attn.scale)
-
-
-# Adapted from transformers/models/clip/modeling_clip.py (v5.23): CLIPEncoderLayer.forward + CLIPAttention.forward
-# (SDPA), also returning the CLS row of the attention and the values for a LayerwisePrune.
-def scored_layer(layer, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One CLIP layer on ``x`` (R, n, C) [CLS, patches] -> (out, CLS attention row (R, H, n) float32, values)."""
-    attn = layer.self_attn
-    q, k, v = project(layer, x, values=True)
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if attn.training else 0.0, scale=attn.scale)
-    hidden = x + attn.out_proj(out.transpose(1, 2).reshape(x.shape))
-    hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
-    cls_row = (q[:, :, :1].float() @ k.float().transpose(-1, -2) * attn.scale).softmax(dim=-1)[:, :, 0]
-    return hidden, cls_row, v
 
 
 class ScoreTap:

@@ -59,11 +59,11 @@ from tokreduce.context import SpanSelection, Timer, TokenContext
 from tokreduce.selection import Selection
 from tokreduce.stages import BlockMerge, LayerwisePrune
 
-from .layerwise import LayerwiseRun
+from .layerwise import LayerwiseRun, scored_block
 from .rows import ItemRows, RowTokens, pack_group
 from .sequence import signature_kwargs
 from .session import ItemEdits, Session, identity_span
-from .tower import InstanceMethod, MergingTower, ScoreTap, Tower, scored_layer, tower_of
+from .tower import InstanceMethod, MergingTower, ScoreTap, Tower, layer_parts, tower_of
 from .vit_common import InstanceForward
 
 FEATURE_FUNCTIONS = {"image": "get_image_features", "video": "get_video_features"}
@@ -157,9 +157,9 @@ class VisionSession(Session):
         self.merging = MergingTower(tower, reducer, mode) if isinstance(mode, BlockMerge) else None
         self.tap = self.layerwise = self.layouts = None
         if isinstance(mode, LayerwisePrune):
-            layers = tower.layers
-            plain = lambda i, x: self.originals[i](x, None)  # noqa: E731
-            self.layerwise = LayerwiseRun(mode, tower.feature, lambda i, x: scored_layer(layers[i], x), plain)
+            parts = [layer_parts(layer) for layer in tower.layers[: tower.feature + 1]]
+            plain = lambda i, x: parts[i].original(x, None)  # noqa: E731
+            self.layerwise = LayerwiseRun(mode, tower.feature, lambda i, x: scored_block(parts[i], x), plain)
         elif self.merging is None:
             n = len(tower.layers)
             layer = tower.feature if mode.layer is None else mode.layer
@@ -174,7 +174,6 @@ class VisionSession(Session):
         if self.merging is not None:
             self.merging.attach(hooks.handles)
         elif self.layerwise is not None:
-            self.originals = [layer.forward for layer in self.tower.layers[: self.tower.feature + 1]]
             for i, layer in enumerate(self.tower.layers[: self.tower.feature + 1]):
                 hooks.handles.append(InstanceForward(layer, self.layerwise_block(i)))
         else:
