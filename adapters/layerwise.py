@@ -22,11 +22,9 @@ from torch import Tensor
 
 from tokreduce.stages import LayerwisePrune
 
-from .vit_common import BlockParts
 
-
-def scored_block(parts: BlockParts, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """A block on ``x`` (R, n, C) [CLS, patches] -> (out, the CLS row of its attention (R, H, n) float32, values)."""
+def scored_block(parts, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A block (its ``BlockParts``) on ``x`` (R, n, C) [CLS, patches] -> (out, CLS attention row (R, H, n) float32, v)."""
     x_attn, q, k, v = parts.attention(x, None)
     out = x + x_attn
     out = out + parts.mlp(out)

@@ -41,6 +41,8 @@ from tokreduce.context import ReductionState, SpanSelection, Timer, TokenContext
 from tokreduce.selection import Selection
 from tokreduce.stages import BlockMerge, LayerScore, LayerwisePrune
 
+from .layerwise import LayerwiseRun, scored_block
+
 # attention(x (B, N, C), bias (B, 1, 1, N) float32 or None) -> (residual branch (B, N, C), q, k, v (B, H, N, D));
 # the block's logits are scale * q @ k^T + bias.
 AttentionFn = Callable[[Tensor, "Tensor | None"], "tuple[Tensor, Tensor, Tensor, Tensor]"]
@@ -257,8 +259,6 @@ def _attach_layer_score(encoder: Encoder, reducer, mode: LayerScore, state: Redu
 
 
 def _attach_layerwise(encoder: Encoder, reducer, mode: LayerwisePrune, state: ReductionState, handles: list) -> None:
-    from .layerwise import LayerwiseRun, scored_block
-
     if not encoder.has_cls or encoder.protected != 1:
         raise ValueError(
             f"{reducer.name} is not supported for this {encoder.name}: it prunes by the CLS token's attention and "
