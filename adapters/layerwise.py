@@ -41,6 +41,24 @@ class _Group:
     carried: Tensor | None = None  # (g, n - 1) the method's carried score
 
 
+def regroup(groups: list[_Group]) -> list[_Group]:
+    """Rows of the same length and budget run together again (rows ascending within a group)."""
+    alike: dict[tuple, list[_Group]] = {}
+    for g in groups:
+        alike.setdefault((g.hidden.shape[1], g.budget, g.carried is None), []).append(g)
+    out = []
+    for parts in alike.values():
+        if len(parts) == 1:
+            out.append(parts[0])
+            continue
+        rows = torch.cat([g.rows for g in parts])
+        order = rows.argsort()
+        hidden, source = (torch.cat([getattr(g, name) for g in parts])[order] for name in ("hidden", "source"))
+        carried = None if parts[0].carried is None else torch.cat([g.carried for g in parts])[order]
+        out.append(_Group(rows[order], hidden, source, parts[0].budget, carried))
+    return out
+
+
 class LayerwiseRun:
     """Per-forward state of a :class:`LayerwisePrune` over blocks ``0..feature``.
 
@@ -70,12 +88,12 @@ class LayerwiseRun:
         groups = []
         for group in self.groups:
             groups += self.run_group(i, group)
-        self.groups = groups
+        self.groups = regroup(groups)
         self.counts.append(max(g.hidden.shape[1] for g in groups))
         if i == self.feature:
             return self.finish(len(self.budgets))
-        if len(groups) == 1 and groups[0].rows.numel() == len(self.budgets) and bool((groups[0].rows.diff() > 0).all()):
-            return groups[0].hidden  # every row, in order
+        if len(self.groups) == 1:
+            return self.groups[0].hidden  # every row, in order
         return self.padded()
 
     def start(self, hidden: Tensor) -> None:

@@ -157,7 +157,7 @@ class VisionSession(Session):
         self.merging = MergingTower(tower, reducer, mode) if isinstance(mode, BlockMerge) else None
         self.tap = self.layerwise = self.layouts = None
         if isinstance(mode, LayerwisePrune):
-            parts = [layer_parts(layer) for layer in tower.layers[: tower.feature + 1]]
+            self.parts = parts = [layer_parts(layer) for layer in tower.layers[: tower.feature + 1]]
             plain = lambda i, x: parts[i].original(x, None)  # noqa: E731
             self.layerwise = LayerwiseRun(mode, tower.feature, lambda i, x: scored_block(parts[i], x), plain)
         elif self.merging is None:
@@ -186,7 +186,9 @@ class VisionSession(Session):
 
     def layerwise_block(self, i: int):
         def forward(hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
-            if attention_mask is not None and self.layerwise.budgets is not None:
+            if self.layerwise.budgets is None:  # the tower called outside the feature functions
+                return self.parts[i].original(hidden_states, attention_mask, **kwargs)
+            if attention_mask is not None:
                 raise ValueError(
                     f"{self.reducer.name} cannot prune in a vision encoder layer called with an attention mask"
                 )

@@ -310,9 +310,11 @@ def test_flowcut_prunes_every_crop_and_frame_in_the_tower(models, model_type, ke
         with tokreduce.FlowCut(keep=keep)(model) as state:
             out = model(**inputs).logits
             forward = [[(s.grid, s.index.tolist()) for s in row] for row in state.selections]
-            model.generate(**inputs, max_new_tokens=2, **GREEDY)
+            gen = model.generate(**inputs, max_new_tokens=2, return_dict_in_generate=True, **GREEDY)
             generated = [[(s.grid, s.index.tolist()) for s in row] for row in state.selections]
     assert forward == generated
+    removed = sum(state.stats.tokens_in) - sum(state.stats.tokens_out)
+    assert gen.past_key_values.get_seq_length() == inputs["input_ids"].shape[1] - removed + 1  # the smaller cache
     layouts = tokreduce.adapters.get_adapter(model).layouts(model.model, inputs)
     for modality, rows in (("image", 3), ("video", 4)):  # 1 base view + 1 x 2 crops; 4 frames
         if modality in layouts:
