@@ -109,9 +109,12 @@ class FlowCutReducer(Reducer):
     Vision-Language Models", arXiv 2505.19536).
 
     Deviations from the reference: the prune count is per crop / image (the reference takes the largest over the
-    batch the tower sees); for anyres images the budget is ``keep`` of the crops' patches split evenly over the
-    crops (the reference keeps target_num / 2 per crop in the tower and prunes again in the language model,
-    which is not done here); scores are computed in float32.
+    batch the tower sees, so its counts depend on the other images); for anyres images and video frames the
+    budget is ``keep`` of the item's tokens split evenly over its crops / frames (the reference keeps
+    target_num / 2 per crop in the tower and prunes again inside the language model, a second stage not done
+    here); ties go to the lower index; scores and the CLS attention are computed in float32 (the reference in
+    the model's dtype). Outside an encoder (``select`` on plain tokens) it keeps the k tokens with the highest
+    ``ctx.attention``, taken as the cumulative score.
 
     Args:
         keep: patches kept per image / video (fraction or count), split evenly over its crops / frames (at least
