@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from tokreduce.context import Timer
-from tokreduce.stages import LayerScore
+from tokreduce.stages import LayerScore, LayerwisePrune
 
 from . import compat
 from .base import VLMAdapter
@@ -184,6 +184,12 @@ class QwenVLAdapter(VLMAdapter):
 
     def attach_encoder(self, model, reducer, mode, state, session, hooks):
         """Vision stage: one-layer scoring from the last ViT block, applied to the merged tokens before the LLM."""
+        if isinstance(mode, LayerwisePrune):
+            raise ValueError(
+                f"{reducer.name} with stage 'vision' is not supported for model_type {model.config.model_type!r}: it "
+                "prunes inside the vision encoder by the CLS token's attention, and the Qwen ViT has no CLS token; "
+                f"use a reducer that scores one encoder layer ({encoder_scorers()}) or a pre_llm reducer"
+            )
         if not isinstance(mode, LayerScore):
             raise ValueError(
                 f"{reducer.name} with stage 'vision' is not supported for model_type {model.config.model_type!r} "

@@ -126,11 +126,11 @@ def layer_parts(layer) -> BlockParts:
     """One CLIP / SigLIP encoder layer as :class:`BlockParts`."""
     attn = layer.self_attn
 
-    def attention(x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def attention(x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         q, k, v = project(layer, x, values=True)
         drop = attn.dropout if attn.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=cast_bias(bias, q), dropout_p=drop, scale=attn.scale)
-        return attn.out_proj(out.transpose(1, 2).reshape(x.shape)), q, k
+        return attn.out_proj(out.transpose(1, 2).reshape(x.shape)), q, k, v
 
     def mlp(x: Tensor) -> Tensor:
         return layer.mlp(layer.layer_norm2(x))

@@ -177,7 +177,12 @@ REDUCERS = {
     "tome": lambda: tome(r=2),
     "pitome": lambda: tokreduce.PiToMe(ratio=0.8, stage="vision"),
     "ficoco": lambda: tokreduce.FiCoCo(keep=0.4),
+    "flowcut": lambda: tokreduce.FlowCut(keep=0.4),
 }
+
+
+def merges(s):
+    return None if s.assign is None else s.assign.tolist()
 
 
 @pytest.mark.parametrize("name", REDUCERS)
@@ -187,11 +192,11 @@ def test_ragged_batch_equals_single_runs(models, name):
     inputs = llava_inputs(counts, seed=5)
     with torch.no_grad(), REDUCERS[name]()(model) as state:
         batched = model.generate(**inputs, max_new_tokens=4, **GREEDY)
-        batch_sel = [[(s.index.tolist(), s.assign.tolist()) for s in row] for row in state.selections]
+        batch_sel = [[(s.index.tolist(), merges(s)) for s in row] for row in state.selections]
         for i in range(len(counts)):
             alone = model.generate(**single(inputs, i, counts), max_new_tokens=4, **GREEDY)
             assert batched[i, -4:].tolist() == alone[0, -4:].tolist()
-            assert [(s.index.tolist(), s.assign.tolist()) for s in state.selections[0]] == batch_sel[i]
+            assert [(s.index.tolist(), merges(s)) for s in state.selections[0]] == batch_sel[i]
 
 
 @pytest.mark.parametrize(
@@ -202,6 +207,8 @@ def test_ragged_batch_equals_single_runs(models, name):
         ("llava", "pitome"),
         ("llava_onevision", "visionzip"),
         ("llava_onevision", "ficoco"),
+        ("llava", "flowcut"),
+        ("llava_next", "flowcut"),
     ],
 )
 def test_cached_decode_matches_recomputation(models, model_type, name):
@@ -258,7 +265,13 @@ def test_visionzip_on_anyres_and_video_families(models, model_type):
 
 @pytest.mark.parametrize(
     "model_type,name",
-    [("llava", "visionzip"), ("llava", "tome"), ("llava", "pitome"), ("llava_onevision", "visionzip")],
+    [
+        ("llava", "visionzip"),
+        ("llava", "tome"),
+        ("llava", "pitome"),
+        ("llava_onevision", "visionzip"),
+        ("llava_next", "flowcut"),
+    ],
 )
 def test_hooks_removed_after_exit_and_unwrap(models, model_type, name):
     model = models(model_type)
@@ -284,6 +297,42 @@ def test_hooks_removed_after_exit_and_unwrap(models, model_type, name):
         tokreduce.unwrap(model)
         assert patched() == before
         assert torch.equal(model(**inputs).logits, ref)
+
+
+@pytest.mark.parametrize("model_type", ["llava_next", "llava_next_video"])
+@pytest.mark.parametrize("keep", [0.25, 0.5])
+def test_flowcut_prunes_every_crop_and_frame_in_the_tower(models, model_type, keep):
+    """Every crop / frame pruned in the tower to its share of its patches; forward and generate() agree."""
+    model = models(model_type)
+    inputs = anyres_inputs(model, seed=2)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with tokreduce.FlowCut(keep=keep)(model) as state:
+            out = model(**inputs).logits
+            forward = [[(s.grid, s.index.tolist()) for s in row] for row in state.selections]
+            gen = model.generate(**inputs, max_new_tokens=2, return_dict_in_generate=True, **GREEDY)
+            generated = [[(s.grid, s.index.tolist()) for s in row] for row in state.selections]
+    assert forward == generated
+    removed = sum(state.stats.tokens_in) - sum(state.stats.tokens_out)
+    assert gen.past_key_values.get_seq_length() == inputs["input_ids"].shape[1] - removed + 1  # the smaller cache
+    layouts = tokreduce.adapters.get_adapter(model).layouts(model.model, inputs)
+    for modality, rows in (("image", 3), ("video", 4)):  # 1 base view + 1 x 2 crops; 4 frames
+        if modality in layouts:
+            n = sum(p.num_tokens for p in layouts[modality][0].pieces)
+            mine = [s for s in state.selections[0] if s.modality == modality]
+            assert sum(len(s.index) for s in mine) == rows * (tokreduce.functional.budget(n, keep) // rows)
+    assert all(s.stage == "vision" and s.assign is None for s in state.selections[0])
+    assert out.shape[1] == ref.shape[1] - (sum(state.stats.tokens_in) - sum(state.stats.tokens_out))
+    first, feature = state.extra["tokens_per_layer"]  # 3 layers, features from layer 1: pruned after layer 0
+    assert first == feature < 17
+
+
+def test_flowcut_needs_a_cls_token(models):
+    model = models("llava_onevision")
+    with pytest.raises(ValueError, match="flowcut.*llava_onevision.*no CLS token"):
+        with tokreduce.FlowCut(keep=0.5)(model):
+            pass
+    assert not any("forward" in m.__dict__ for m in model.modules())  # nothing left behind
 
 
 # -- refusals ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ EXPECTED = {
     "pool",
     "tome",
     "visionzip",
+    "flowcut",
     "divprune",
     "fastv",
     "dart",

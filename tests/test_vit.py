@@ -347,25 +347,69 @@ def test_visionzip_scores_match_eager_attention(class_token):
         assert torch.equal(span.assign[span.index], torch.arange(8))
 
 
-@pytest.mark.parametrize("name", ["open_clip", "open_clip-bf16", "timm-bf16"])
-def test_visionzip_default_layer_and_unwrap(models, name):
+def reduce_and_unwrap(models, name, reducer_class):
+    """Run ``reducer_class(keep=0.25)`` on model ``name``: same output shape and dtype, exact identity at keep=1.0
+    and after exit, every hook gone. Returns (state, tokens in, prefix tokens, blocks, images)."""
     model, images, forward, n, p, blocks = models[name]
     before = hook_snapshot(model)
     with torch.no_grad():
         reference = forward(images)
-        with tokreduce.VisionZip(keep=0.25)(model) as state:
+        with reducer_class(keep=0.25)(model) as state:
             out = forward(images)
         assert out.shape == reference.shape and out.dtype == reference.dtype
-        k = round(0.25 * (n - p))
-        assert state.extra["tokens_per_layer"] == [n] * (len(blocks) - 2) + [k + p] * 2  # penultimate block
         assert torch.equal(forward(images), reference)
-        with tokreduce.VisionZip(keep=1.0)(model) as state:
+        with reducer_class(keep=1.0)(model) as identity:
             assert torch.equal(forward(images), reference)  # keep=1.0 is an exact identity
-        assert state.stats.tokens_out == state.stats.tokens_in
+        assert identity.stats.tokens_out == identity.stats.tokens_in
     assert hook_snapshot(model) == before
+    return state, n, p, blocks, images
+
+
+@pytest.mark.parametrize("name", ["open_clip", "open_clip-bf16", "timm-bf16"])
+def test_visionzip_default_layer_and_unwrap(models, name):
+    state, n, p, blocks, _ = reduce_and_unwrap(models, name, tokreduce.VisionZip)
+    k = round(0.25 * (n - p))
+    assert state.extra["tokens_per_layer"] == [n] * (len(blocks) - 2) + [k + p] * 2  # penultimate block
 
 
 def test_visionzip_bad_layer(models):
     model = models["timm"][0]
     with pytest.raises(ValueError, match=r"layer must be an int in \[-4, 3\]"), visionzip(layer=4, keep=0.5)(model):
         pass
+
+
+# -- FlowCut (pruning step by step, CLS relayed) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_flowcut_counts_identity_and_unwrap(models, name):
+    state, n, p, blocks, images = reduce_and_unwrap(models, name, tokreduce.FlowCut)
+    k = round(0.25 * (n - p))
+    counts = state.extra["tokens_per_layer"]
+    assert len(counts) == len(blocks) and counts[-2:] == [k + p] * 2  # pruned to k after the penultimate block
+    assert counts == sorted(counts, reverse=True) and counts[0] <= n
+    assert [len(row[0].index) for row in state.selections] == [k] * images.shape[0]
+    assert all(row[0].index.tolist() == sorted(set(row[0].index.tolist())) for row in state.selections)
+
+
+def test_flowcut_batch_equals_single():
+    """Each image is pruned on its own (its own prune counts), whatever else is in the batch."""
+    model = _timm(depth=6)
+    with torch.no_grad():  # peaked attention, so that the images prune different numbers of tokens per block
+        for block in model.blocks:
+            block.attn.qkv.weight[: 2 * model.embed_dim].mul_(6.0)
+    images = torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), tokreduce.FlowCut(keep=8)(model) as state:
+        batched = model(images)
+        chosen = [row[0].index.tolist() for row in state.selections]
+        for i in range(3):
+            torch.testing.assert_close(model(images[i : i + 1])[0], batched[i], atol=1e-5, rtol=1e-4)
+            assert state.selections[0][0].index.tolist() == chosen[i]
+
+
+@pytest.mark.parametrize("kwargs", [{"class_token": False, "global_pool": "avg"}, {"reg_tokens": 2}])
+def test_flowcut_needs_one_cls_token(kwargs):
+    model = _timm(**kwargs)
+    with pytest.raises(ValueError, match="flowcut.*CLS token"), tokreduce.FlowCut(keep=0.5)(model):
+        pass
+    assert not any("forward" in m.__dict__ for m in model.modules())

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .context import ReductionState, TokenContext
 from .selection import Selection, budget, keeps_all
-from .stages import BlockMerge, DecodePolicy, LayerMerge, LayerPrune, LayerScore, PreLLMInputs
+from .stages import BlockMerge, DecodePolicy, LayerMerge, LayerPrune, LayerScore, LayerwisePrune, PreLLMInputs
 
 POSITION_POLICIES = ("original", "compact")
 
@@ -86,7 +86,7 @@ class Reducer:
         merge that runs layer by layer."""
         return None
 
-    def in_encoder(self) -> BlockMerge | LayerScore | None:
+    def in_encoder(self) -> BlockMerge | LayerScore | LayerwisePrune | None:
         """Stage "vision" (and any stage of a plain ViT): how the method works inside the encoder."""
         return None
 

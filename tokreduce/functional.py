@@ -7,6 +7,7 @@ from .methods.dycoke import dycoke_keep_mask, dycoke_kv_select, dycoke_ttm
 from .methods.evs import evs, evs_dissimilarity, evs_retained_count
 from .methods.fastvid import density_peak_scores, dynamic_segments, fastvid, frame_quotas
 from .methods.ficoco import ficoco, ficoco_compress, ficoco_select
+from .methods.flowcut import flowcut_prune_count, flowcut_scores, flowcut_step
 from .methods.framefusion import frame_merge
 from .methods.holitom import cluster_merge, holitom, largest_remainder, static_windows
 from .methods.pitome import pitome, pitome_matching
@@ -40,6 +41,9 @@ __all__ = [
     "ficoco",
     "ficoco_compress",
     "ficoco_select",
+    "flowcut_prune_count",
+    "flowcut_scores",
+    "flowcut_step",
     "frame_merge",
     "frame_quotas",
     "holitom",

@@ -9,7 +9,8 @@ Adapters never ask which method they run; they read these declarations from the 
   on, then prune once by attention;
 - :meth:`Reducer.in_encoder` -> :class:`BlockMerge` (merge a few tokens in every encoder block) or
   :class:`LayerScore` (score the tokens with one encoder layer's attention, then select, per crop / frame, in
-  the order the method emits them);
+  the order the method emits them) or :class:`LayerwisePrune` (prune step by step in the encoder layers, with a
+  score carried from layer to layer);
 - :meth:`Reducer.in_decode` -> :class:`DecodePolicy`: a decode-time KV-cache policy with its own select;
 - :meth:`Reducer.in_pre_llm` -> :class:`PreLLMInputs`: what a selection made before the language model needs
   besides the span's tokens (the instruction's token embeddings).
@@ -218,3 +219,27 @@ class LayerScore:
     for_rows: Callable[[int, int], object]
     summaries: Callable[[Selection, TokenContext], Tensor] | None = None
     logits: bool = False
+
+
+@dataclass(frozen=True)
+class LayerwisePrune:
+    """Prune patches step by step in the encoder layers up to the feature layer, a per-patch score carried along.
+
+    Needs an encoder with a CLS token (index 0), which always stays. For every crop / frame row, at each encoder
+    layer i = 0..F (F: the layer whose output the model uses) that still has more than the row's budget k of
+    patches, the adapter computes from the layer's input the CLS row of the post-softmax attention per head
+    ((R, H, n) float32 over [CLS, patches]) and the layer's values per head ((R, H, n, D)), runs the layer on
+    the row's tokens, and calls ``step``; the patches ``keep`` leaves go on to the next layer, together with the
+    carried score. Rows are reduced each on their own (the adapter batches rows of equal length). The feature
+    layer's output holds the CLS token and k patches per row; they reach the language model (or the ViT head)
+    in index order, like a pure pruning. Each row's budget comes from ``for_rows``, as in :class:`LayerScore`.
+
+    Attributes:
+        step: ``(layer i, F, attention (R, H, n), values (R, H, n, D), carried (R, n - 1) or None, k)
+            -> (carried (R, n - 1), keep (R, n - 1) bool or None)``; None keeps every patch after layer i.
+        for_rows: ``(n, rows) -> reducer`` for each of ``rows`` encoder rows that stand for ``n`` tokens; its
+            ``num_kept`` of a row's patches is the row's budget k.
+    """
+
+    step: Callable[[int, int, Tensor, Tensor, Tensor | None, int], tuple[Tensor, Tensor | None]]
+    for_rows: Callable[[int, int], object]

@@ -12,6 +12,7 @@ from .evs import EVS, EVSReducer
 from .fastv import FastV, FastVReducer
 from .fastvid import FastVID, FastVIDReducer
 from .ficoco import FiCoCo, FiCoCoReducer
+from .flowcut import FlowCut, FlowCutReducer
 from .framefusion import FrameFusion, FrameFusionReducer
 from .holitom import HoliTom, HoliTomReducer
 from .pitome import PiToMe, PiToMeReducer
