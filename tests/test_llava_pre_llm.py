@@ -8,13 +8,15 @@ import tokreduce
 from tokreduce import TokenContext
 from tokreduce.adapters.compat import encoder_output
 
-PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom"]
+PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom", "mustdrop"]
 ALL = tokreduce.list_reducers()
 
 
 def knobs(name: str, keep):
     if name == "pool" and keep != 1.0:
         return {"factor": 2}
+    if name == "mustdrop":  # its default stage is inside the tower
+        return {"keep": keep, "stage": "pre_llm"}
     return {"keep": keep}
 
 
@@ -63,11 +65,11 @@ def test_matches_hand_built_reference(llava, name):
     assert [len(s.index) for s in state.selections[0]] == [len(r) for r in reduced]
 
 
-@pytest.mark.parametrize("name", ["divprune", "random", "tome", "cdpruner", "pitome", "fastvid", "holitom"])
+@pytest.mark.parametrize("name", ["divprune", "random", "tome", "cdpruner", "pitome", "fastvid", "holitom", "mustdrop"])
 def test_ragged_batch_equals_single_runs(llava, name):
     counts = (1, 3, 2)
     inputs = llava_inputs(counts, seed=5)
-    with torch.no_grad(), tokreduce.get_reducer(name, keep=0.4)(llava) as state:
+    with torch.no_grad(), tokreduce.get_reducer(name, **knobs(name, 0.4))(llava) as state:
         batched = llava.generate(**inputs, max_new_tokens=5, do_sample=False)
         batch_sel = [[s.index.tolist() for s in row] for row in state.selections]
         for i in range(len(counts)):

@@ -36,6 +36,17 @@ def session_of(model):
     raise AssertionError("no vision session attached")
 
 
+def reduced_logits(model, ids, keep, features):
+    """Logits of the prompt ``ids`` (N,) reduced to ``keep`` (N,) bool, kept tokens at their original positions,
+    with ``features`` (one (K, C) tensor per image) as the image tokens."""
+    return model(
+        input_ids=ids[keep][None],
+        attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+        position_ids=torch.arange(len(ids))[keep][None],
+        mm_encoder_outputs={"image": encoder_output(features)},
+    ).logits
+
+
 # -- identity ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_identity_is_bit_identical(models, model_type):
@@ -111,12 +122,7 @@ def test_visionzip_llava_matches_hand_built_reference(models):
         starts = (ids == IMAGE_TOKEN).nonzero().squeeze(-1).view(2, 16)[:, 0]
         for start in starts:  # the reference's tokens fill the first slots of the run, in order
             keep[start + dominant + contextual : start + 16] = False
-        ref = model(
-            input_ids=ids[keep][None],
-            attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
-            position_ids=torch.arange(len(ids))[keep][None],
-            mm_encoder_outputs={"image": encoder_output(list(projected))},
-        ).logits
+        ref = reduced_logits(model, ids, keep, list(projected))
         with tokreduce.VisionZip(dominant=dominant, contextual=contextual)(model) as state:
             got = model(**inputs).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -181,11 +187,43 @@ def test_tome_merging_identical_patches_is_the_identity():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+# -- MustDrop on llava ------------------------------------------------------------------------------------
+def test_mustdrop_merges_tiles_after_the_first_layer(models):
+    """Wrapped logits == a hand-run tower (layer 0, MustDrop's tile merge on its output, layer 1 = the feature
+    layer, plain attention), projected patches in index order, fed with the kept placeholders' positions."""
+    model = models("llava")
+    inputs = single(llava_inputs((2,), seed=4), 0, [2])
+    reducer = tokreduce.MustDrop(keep=0.5)  # 4 x 4 patches: the one full 3 x 3 tile merges, 8 patches left
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        hidden = tower.pre_layrnorm(tower.embeddings(inputs["pixel_values"]))
+        hidden = tower.encoder.layers[0](hidden, None)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        selection, _ = reducer.block_match(hidden, 8, 1)  # outputs in index order: CLS first
+        hidden = tower.encoder.layers[1](selection.merge(hidden), None)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        feats = model.model.multi_modal_projector(hidden[:, 1:])
+        ids = inputs["input_ids"][0]
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        starts = (ids == IMAGE_TOKEN).nonzero().squeeze(-1).view(2, 16)[:, 0]
+        for j, start in enumerate(starts):
+            drop = torch.ones(16, dtype=torch.bool)
+            drop[selection.index[j, 1:] - 1] = False
+            keep[start + torch.arange(16)[drop]] = False
+        ref = reduced_logits(model, ids, keep, list(feats))
+        with reducer(model) as state:
+            out = model(**inputs).logits
+    assert state.extra["schedule"] == [8, 0] and state.extra["tokens_per_layer"] == [9, 9]
+    assert [s.index.tolist() for s in state.selections[0]] == (selection.index[:, 1:] - 1).tolist()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 # -- batching, generate, hygiene --------------------------------------------------------------------------
 REDUCERS = {
     "visionzip": lambda: tokreduce.VisionZip(keep=0.4),
     "tome": lambda: tome(r=2),
     "pitome": lambda: tokreduce.PiToMe(ratio=0.8, stage="vision"),
+    "mustdrop": lambda: tokreduce.MustDrop(keep=0.5),
 }
 
 
@@ -205,7 +243,13 @@ def test_ragged_batch_equals_single_runs(models, name):
 
 @pytest.mark.parametrize(
     "model_type,name",
-    [("llava", "visionzip"), ("llava", "tome"), ("llava", "pitome"), ("llava_onevision", "visionzip")],
+    [
+        ("llava", "visionzip"),
+        ("llava", "tome"),
+        ("llava", "pitome"),
+        ("llava", "mustdrop"),
+        ("llava_onevision", "visionzip"),
+    ],
 )
 def test_cached_decode_matches_recomputation(models, model_type, name):
     """Cached decode == a no-cache forward over prompt + generated tokens, under both position policies."""
@@ -261,7 +305,13 @@ def test_visionzip_on_anyres_and_video_families(models, model_type):
 
 @pytest.mark.parametrize(
     "model_type,name",
-    [("llava", "visionzip"), ("llava", "tome"), ("llava", "pitome"), ("llava_onevision", "visionzip")],
+    [
+        ("llava", "visionzip"),
+        ("llava", "tome"),
+        ("llava", "pitome"),
+        ("llava", "mustdrop"),
+        ("llava_onevision", "visionzip"),
+    ],
 )
 def test_hooks_removed_after_exit_and_unwrap(models, model_type, name):
     model = models(model_type)
@@ -291,7 +341,10 @@ def test_hooks_removed_after_exit_and_unwrap(models, model_type, name):
 
 # -- refusals ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision", "llava_next_video"])
-@pytest.mark.parametrize("merge", [lambda: tome(r=2), lambda: tokreduce.PiToMe(ratio=0.8, stage="vision")])
+@pytest.mark.parametrize(
+    "merge",
+    [lambda: tome(r=2), lambda: tokreduce.PiToMe(ratio=0.8, stage="vision"), lambda: tokreduce.MustDrop(keep=0.5)],
+)
 def test_tome_in_the_tower_is_refused_for_anyres_and_video(models, model_type, merge):
     model = models(model_type)
     reducer = merge()

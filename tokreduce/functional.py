@@ -8,6 +8,7 @@ from .methods.evs import evs, evs_dissimilarity, evs_retained_count
 from .methods.fastvid import density_peak_scores, dynamic_segments, fastvid, frame_quotas
 from .methods.framefusion import frame_merge
 from .methods.holitom import cluster_merge, holitom, largest_remainder, static_windows
+from .methods.mustdrop import mustdrop, mustdrop_windows, window_similarity
 from .methods.pitome import pitome, pitome_matching
 from .methods.pool import pool_assignment
 from .methods.random import random_scores
@@ -39,6 +40,8 @@ __all__ = [
     "holitom",
     "largest_remainder",
     "parse_r",
+    "mustdrop",
+    "mustdrop_windows",
     "pitome",
     "pitome_matching",
     "pool_assignment",
@@ -51,4 +54,5 @@ __all__ = [
     "vidcom2_similarities",
     "visionzip",
     "visionzip_select",
+    "window_similarity",
 ]

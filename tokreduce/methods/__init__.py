@@ -13,6 +13,7 @@ from .fastv import FastV, FastVReducer
 from .fastvid import FastVID, FastVIDReducer
 from .framefusion import FrameFusion, FrameFusionReducer
 from .holitom import HoliTom, HoliTomReducer
+from .mustdrop import MustDrop, MustDropReducer
 from .pitome import PiToMe, PiToMeReducer
 from .pool import Pool, PoolReducer
 from .random import Random, RandomReducer
