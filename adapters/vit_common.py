@@ -177,22 +177,26 @@ def merge_block(
     block: tuple[int, int],
 ) -> Tensor:
     """One merging block on (B, N, C): attention (with proportional bias unless the mode declines it), merge r
-    tokens, MLP. ``block`` is (this block's index, number of merging blocks).
+    tokens, MLP (where the mode merges the block's output: attention, MLP, merge). ``block`` is (this block's
+    index, number of merging blocks).
 
     The merged tokens leave in the order the mode's match declares, which the next block's matching sees.
     """
     x_attn, _, k, *_ = parts.attention(x, size_bias(run.size) if mode.proportional else None)
     x = x + x_attn
+    if mode.after_mlp:
+        x = x + parts.mlp(x)
     if r > 0:
         with Timer(state):
-            # the metric: the block's keys averaged over heads
-            selection, order = mode.matcher(*block)(k.mean(dim=1), r, protected)
+            # the metric: the block's output states, or its keys averaged over heads
+            metric = x if mode.after_mlp else k.mean(dim=1)
+            selection, order = mode.matcher(*block)(metric, r, protected)
             selection = selection.reorder(order)
             x = selection.merge(x, run.size)
             run.size = selection.sizes(run.size)
             # The composed selection is the source map (which original patches each token stands for).
             run.selection = selection if run.selection is None else run.selection.compose(selection)
-    return x + parts.mlp(x)
+    return x if mode.after_mlp else x + parts.mlp(x)
 
 
 def size_bias(size: Tensor | None) -> Tensor | None:

@@ -10,7 +10,7 @@ from tokreduce.adapters.compat import encoder_output
 
 PRE_LLM = [
     "random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom",
-    "prunevid",
+    "prunevid", "mustdrop",
 ]  # fmt: skip
 ALL = tokreduce.list_reducers()
 
@@ -20,6 +20,8 @@ def knobs(name: str, keep):
         return {"factor": 2}
     if name == "prunevid":  # its pre-LLM stage alone (the LLM stage is tested in test_prunevid_models.py)
         return {"keep": keep, "alpha": 1.0}
+    if name == "mustdrop":  # its default stage is inside the tower
+        return {"keep": keep, "stage": "pre_llm"}
     return {"keep": keep}
 
 
@@ -68,7 +70,7 @@ def test_matches_hand_built_reference(llava, name):
     assert [len(s.index) for s in state.selections[0]] == [len(r) for r in reduced]
 
 
-@pytest.mark.parametrize("name", ["divprune", "random", "tome", "cdpruner", "pitome", "fastvid", "holitom", "prunevid"])
+@pytest.mark.parametrize("name", ["divprune", "random", "tome", "cdpruner", "pitome", "fastvid", "holitom", "prunevid", "mustdrop"])
 def test_ragged_batch_equals_single_runs(llava, name):
     counts = (1, 3, 2)
     inputs = llava_inputs(counts, seed=5)

@@ -5,6 +5,7 @@ import torch
 from conftest import IMAGE_TOKEN, VIDEO_TOKEN, anyres_inputs, build, first_slots_logits, llava_inputs, single
 
 import tokreduce
+from tokreduce.adapters.compat import encoder_output
 from tokreduce.adapters.tower import layer_scores
 
 FAMILIES = ["llava", "llava_next", "llava_onevision", "llava_next_video"]
@@ -33,6 +34,17 @@ def session_of(model):
         if hasattr(getattr(hook, "__self__", None), "records"):
             return hook.__self__
     raise AssertionError("no vision session attached")
+
+
+def reduced_logits(model, ids, keep, features):
+    """Logits of the prompt ``ids`` (N,) reduced to ``keep`` (N,) bool, kept tokens at their original positions,
+    with ``features`` (one (K, C) tensor per image) as the image tokens."""
+    return model(
+        input_ids=ids[keep][None],
+        attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+        position_ids=torch.arange(len(ids))[keep][None],
+        mm_encoder_outputs={"image": encoder_output(features)},
+    ).logits
 
 
 # -- identity ---------------------------------------------------------------------------------------------
@@ -171,6 +183,37 @@ def test_tome_merging_identical_patches_is_the_identity():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+# -- MustDrop on llava ------------------------------------------------------------------------------------
+def test_mustdrop_merges_tiles_after_the_first_layer(models):
+    """Wrapped logits == a hand-run tower (layer 0, MustDrop's tile merge on its output, layer 1 = the feature
+    layer, plain attention), projected patches in index order, fed with the kept placeholders' positions."""
+    model = models("llava")
+    inputs = single(llava_inputs((2,), seed=4), 0, [2])
+    reducer = tokreduce.MustDrop(keep=0.5)  # 4 x 4 patches: the one full 3 x 3 tile merges, 8 patches left
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        hidden = tower.pre_layrnorm(tower.embeddings(inputs["pixel_values"]))
+        hidden = tower.encoder.layers[0](hidden, None)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        selection, _ = reducer.block_match(hidden, 8, 1)  # outputs in index order: CLS first
+        hidden = tower.encoder.layers[1](selection.merge(hidden), None)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        feats = model.model.multi_modal_projector(hidden[:, 1:])
+        ids = inputs["input_ids"][0]
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        starts = (ids == IMAGE_TOKEN).nonzero().squeeze(-1).view(2, 16)[:, 0]
+        for j, start in enumerate(starts):
+            drop = torch.ones(16, dtype=torch.bool)
+            drop[selection.index[j, 1:] - 1] = False
+            keep[start + torch.arange(16)[drop]] = False
+        ref = reduced_logits(model, ids, keep, list(feats))
+        with reducer(model) as state:
+            out = model(**inputs).logits
+    assert state.extra["schedule"] == [8, 0] and state.extra["tokens_per_layer"] == [9, 9]
+    assert [s.index.tolist() for s in state.selections[0]] == (selection.index[:, 1:] - 1).tolist()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 # -- batching, generate, hygiene --------------------------------------------------------------------------
 REDUCERS = {
     "visionzip": lambda: tokreduce.VisionZip(keep=0.4),
@@ -178,6 +221,7 @@ REDUCERS = {
     "pitome": lambda: tokreduce.PiToMe(ratio=0.8, stage="vision"),
     "ficoco": lambda: tokreduce.FiCoCo(keep=0.4),
     "flowcut": lambda: tokreduce.FlowCut(keep=0.4),
+    "mustdrop": lambda: tokreduce.MustDrop(keep=0.5),
 }
 
 
@@ -209,6 +253,7 @@ def test_ragged_batch_equals_single_runs(models, name):
         ("llava_onevision", "ficoco"),
         ("llava", "flowcut"),
         ("llava_next", "flowcut"),
+        ("llava", "mustdrop"),
     ],
 )
 def test_cached_decode_matches_recomputation(models, model_type, name):
@@ -271,6 +316,7 @@ def test_visionzip_on_anyres_and_video_families(models, model_type):
         ("llava", "pitome"),
         ("llava_onevision", "visionzip"),
         ("llava_next", "flowcut"),
+        ("llava", "mustdrop"),
     ],
 )
 def test_hooks_removed_after_exit_and_unwrap(models, model_type, name):
@@ -337,7 +383,10 @@ def test_flowcut_needs_a_cls_token(models):
 
 # -- refusals ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision", "llava_next_video"])
-@pytest.mark.parametrize("merge", [lambda: tome(r=2), lambda: tokreduce.PiToMe(ratio=0.8, stage="vision")])
+@pytest.mark.parametrize(
+    "merge",
+    [lambda: tome(r=2), lambda: tokreduce.PiToMe(ratio=0.8, stage="vision"), lambda: tokreduce.MustDrop(keep=0.5)],
+)
 def test_tome_in_the_tower_is_refused_for_anyres_and_video(models, model_type, merge):
     model = models(model_type)
     reducer = merge()

@@ -187,6 +187,20 @@ def test_tome_keep_and_stage_knobs(models):
         pass
 
 
+# -- MustDrop --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["timm", "open_clip"])
+def test_mustdrop_merges_whole_tiles_after_the_first_block(models, name):
+    model, images, forward, n, p, blocks = models[name]
+    side = math.isqrt(n - p)  # timm 96 px: 6 x 6 patches (4 tiles); open_clip ViT-B-32: 7 x 7 (4 tiles)
+    with torch.no_grad(), tokreduce.MustDrop(keep=0.5)(model) as state:
+        forward(images)
+    tiles = min((side // 3) ** 2, round((n - p - round(0.5 * (n - p))) / 8))  # the count nearest to keep
+    left = n - 8 * tiles
+    assert state.extra["tokens_per_layer"] == [left] * len(blocks)
+    span = state.selections[1][0]
+    assert len(span.index) == left - p and int(torch.bincount(span.assign).max()) == 9
+
+
 # -- PiToMe ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", MODELS)
 def test_pitome_counts_follow_the_ratio(models, name):

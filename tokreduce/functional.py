@@ -10,6 +10,7 @@ from .methods.ficoco import ficoco, ficoco_compress, ficoco_select
 from .methods.flowcut import flowcut_prune_count, flowcut_scores, flowcut_step
 from .methods.framefusion import frame_merge
 from .methods.holitom import cluster_merge, holitom, largest_remainder, static_windows
+from .methods.mustdrop import mustdrop, mustdrop_windows, window_similarity
 from .methods.pitome import pitome, pitome_matching
 from .methods.pool import pool_assignment
 from .methods.prunevid import dpc_knn, prunevid_merge, refine_labels, temporal_segments
@@ -49,6 +50,8 @@ __all__ = [
     "holitom",
     "largest_remainder",
     "parse_r",
+    "mustdrop",
+    "mustdrop_windows",
     "pitome",
     "pitome_matching",
     "pool_assignment",
@@ -64,4 +67,5 @@ __all__ = [
     "vidcom2_similarities",
     "visionzip",
     "visionzip_select",
+    "window_similarity",
 ]

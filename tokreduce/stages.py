@@ -172,6 +172,8 @@ class BlockMerge:
             (a per-block margin); None: ``match`` in every block.
         proportional: proportional attention (log size of each key added to the attention logits) in the blocks
             after the first merge; False: plain attention, merged tokens count once.
+        after_mlp: merge the block's output (after its MLP), with the output states as the metric, instead of
+            merging between attention and MLP with the keys.
     """
 
     protected: int
@@ -180,6 +182,7 @@ class BlockMerge:
     check: Callable[[int], None]
     match_for: Callable[[int, int], Callable[[Tensor, int, int], tuple[Selection, Tensor]]] | None = None
     proportional: bool = True
+    after_mlp: bool = False
 
     def matcher(self, block: int, num_blocks: int) -> Callable[[Tensor, int, int], tuple[Selection, Tensor]]:
         """The match of encoder block ``block`` (of ``num_blocks``)."""

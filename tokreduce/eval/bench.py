@@ -7,8 +7,9 @@ SigLIP so400m tower), in bfloat16 on the CPU. The prompt is text around one vide
 are fed as precomputed projected features through the model's ``mm_encoder_outputs`` argument, the same
 path ``generate`` uses, so the adapters reduce them exactly as in real use while the vision encoder,
 which runs identically with and without reduction, is not timed (and is built with one block only, to
-save memory; it never runs). Vision-stage methods (VisionZip) need the encoder's attention and are
-therefore not benchmarked here (see ``scripts/bench_vit.py`` for ToMe inside a ViT).
+save memory; it never runs). Vision-stage methods (VisionZip; MustDrop unless ``--knob
+mustdrop.stage=pre_llm``) need the encoder and are therefore not benchmarked here (see
+``scripts/bench_vit.py`` for ToMe inside a ViT).
 
 Per model, visual-token count, method and keep:
 
@@ -395,7 +396,7 @@ def run(args) -> int:
             prompt = make_prompt(model, tokens)
             base = Baseline(model, prompt, args.decode_tokens)
             for method in args.methods:
-                if get_reducer(method).stage == "vision":
+                if get_reducer(method, **(args.knobs.get(method) or {})).stage == "vision":
                     print(
                         f"# skip {method}: vision-stage methods need the vision encoder, which this bench does not run",
                         file=sys.stderr,

@@ -15,6 +15,7 @@ from .ficoco import FiCoCo, FiCoCoReducer
 from .flowcut import FlowCut, FlowCutReducer
 from .framefusion import FrameFusion, FrameFusionReducer
 from .holitom import HoliTom, HoliTomReducer
+from .mustdrop import MustDrop, MustDropReducer
 from .pitome import PiToMe, PiToMeReducer
 from .pool import Pool, PoolReducer
 from .prunevid import PruneVid, PruneVidReducer
