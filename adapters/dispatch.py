@@ -46,10 +46,11 @@ def attach(adapter, model, reducer, state, handles: list) -> None:
         session = adapter.attach_encoder(model, reducer, mode, state, session, hooks)
     session.watch(hooks)
     lm = adapter.language_model(model)
-    if reducer.stage == "llm":
-        plan = reducer.in_llm()
-        if plan is None:
-            raise ValueError(f"{reducer.name} declares stage 'llm' but no decoder layer to prune at (in_llm)")
+    # stage "llm", or a pre-LLM reducer that prunes again inside the language model (Session.prunes_in_llm)
+    plan = reducer.in_llm() if reducer.stage == "llm" or session.prunes_in_llm else None
+    if reducer.stage == "llm" and plan is None:
+        raise ValueError(f"{reducer.name} declares stage 'llm' but no decoder layer to prune at (in_llm)")
+    if plan is not None and (reducer.stage == "llm" or not reducer.is_identity()):
         stages = plan if isinstance(plan, tuple) else (plan,)
         # a reducer may leave the number of scoring queries to the model family
         stages = tuple(replace(p, queries=adapter.default_queries) if p.queries is None else p for p in stages)

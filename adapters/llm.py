@@ -19,9 +19,18 @@ survivors with the stage's ``select`` and shortens the sequence again, gathering
 from the whole prompt by the composed index; the layers of each stage get the mask, positions and rotary
 embeddings of their own sequence, so each stage's KV cache holds exactly what it attended to, and at decode steps
 each stage's first layer builds the mask over its own cache. The composed choice of every span is recorded after
-the last stage (``state.extra["stage_kept"]``: every stage's survivors; ``"layer_lengths"``: tokens per layer).
-A stage may ask for its attention row without the rotary embedding (q_proj / k_proj states as they are, keys
-recomputed instead of read from the cache) and with the softmax over each span's keys only.
+the last stage (``state.extra["stage_kept"]``: every stage's survivors). A stage may ask for its attention row
+without the rotary embedding (q_proj / k_proj states as they are, keys recomputed instead of read from the cache)
+and with the softmax over each span's keys only.
+
+A "pre_llm" reducer whose ``in_llm`` gives a LayerPrune (or several) prunes again inside the language model: the
+session keeps its spans after the pre-LLM reduction (positions of the kept tokens in the shortened sequence, the
+pre-LLM Selection in ``run.earlier``), which is then "the whole prompt" the stages gather from, and the last stage
+records the pre-LLM choice and its own as one Selection of the span (original numbering). With ``question`` the
+score is the max over heads and over the question tokens (the non-visual prompt tokens after the span) of their
+attention at layer K-1, computed from their queries and the layer's keys. Several stages, or a prune after a
+pre-LLM one, record every layer's length per sample in ``state.extra["layer_lengths"]`` (the FLOPs of eval and
+bench, :func:`tokreduce.flops.recorded_lengths`).
 
 When the reducer re-selects at every decode step, nothing is removed: layers >= K keep the full sequence and
 cache and run with a mask that hides the visual tokens not chosen. At every decode step layer K-1's post-hook
@@ -39,12 +48,12 @@ from torch import Tensor
 
 from tokreduce.context import Timer, TokenContext
 from tokreduce.selection import Selection
-from tokreduce.similarity import attention_row
+from tokreduce.similarity import attention_row, attention_rows_max
 from tokreduce.stages import LayerPrune
 
 from . import compat
 from .sequence import compact_positions, gather_last, gather_seq, left_pad_index
-from .session import record_span
+from .session import record_span, replace_span
 from .state import LayerCut, Track
 
 
@@ -112,7 +121,15 @@ def causal_mask(lm, hidden: Tensor, mask2d: Tensor, cache, positions: Tensor, la
 
 
 def shortened_kwargs(
-    lm, run, kwargs: dict, hidden: Tensor, index: Tensor, valid: Tensor, policy: str, layer_idx: int
+    lm,
+    run,
+    kwargs: dict,
+    hidden: Tensor,
+    index: Tensor,
+    valid: Tensor,
+    policy: str,
+    layer_idx: int,
+    mask: Tensor | None = None,
 ) -> tuple[dict, Track]:
     """What decoder layers run with on a shortened prompt, and its Track for the decode steps.
 
@@ -122,9 +139,11 @@ def shortened_kwargs(
         index, valid: (B, L) the left-padded gather from the whole prompt that made them (:func:`left_pad_index`).
         policy: "original" (kept tokens keep their positions and rotary embeddings) or "compact".
         layer_idx: the first layer that runs on them (its cache layer is still empty).
+        mask: (B, N) 2-D mask of the whole prompt the layers ran on (default the prompt's own).
     """
-    b, n = run.base_mask.shape
-    mask2d = (gather_seq(run.base_mask, index) * valid).to(run.base_mask.dtype)
+    mask = run.base_mask if mask is None else mask
+    b, n = mask.shape
+    mask2d = (gather_seq(mask, index) * valid).to(mask.dtype)
     layer_pos = kwargs.get("position_ids")
     # M-RoPE adapters record the (3, B, N) positions the rotary embedding takes; the layers' own
     # position_ids are then text positions (or None) that only masks / flash attention read.
@@ -176,7 +195,8 @@ def decode_step_kwargs(lm, run, track: Track, kwargs: dict, hidden: Tensor, laye
 
 class LayerPruning:
     """Prune visual tokens from decoder layer K on, as the reducer's :class:`LayerPrune` asks (module docstring);
-    with several stages, each prunes the survivors of the stage before at its own layer."""
+    with several stages, each prunes the survivors of the stage before at its own layer; after a pre-LLM
+    reduction, among what it kept."""
 
     def __init__(self, session, lm, plans: LayerPrune | tuple[LayerPrune, ...]):
         self.session = session
@@ -190,11 +210,19 @@ class LayerPruning:
         for plan in self.plans:
             if not 1 <= plan.layer < n_layers:
                 raise ValueError(
-                    f"{self.reducer.name}: {plan.knob} must be in [1, {n_layers - 1}] for this model, got {plan.layer}"
+                    f"{self.reducer.name}: {plan.knob} must be in [{1 - plan.knob_offset}, "
+                    f"{n_layers - 1 - plan.knob_offset}] for this model, got {plan.layer - plan.knob_offset}"
                 )
         if any(b <= a for a, b in zip(self.layers, self.layers[1:], strict=False)):
             raise ValueError(f"{self.reducer.name}: prune stages need increasing layers, got {self.layers}")
         self.stage_of = {layer: s for s, layer in enumerate(self.layers)}
+        if session.stage == "pre_llm" and self.reducer.positions != "original":
+            raise ValueError(
+                f"{self.reducer.name}: pruning again inside the language model after a pre-LLM reduction needs "
+                f"positions='original', got {self.reducer.positions!r}"
+            )
+        # per sample, every layer's length: where no single prune layer describes the prefill's savings
+        self.records_lengths = len(self.plans) > 1 or session.prunes_in_llm
         self.every_step = self.plan.reselect_every_step
         if self.every_step and (self.plan.queries != 1 or self.plan.keys or len(self.plans) > 1):
             raise ValueError(
@@ -210,7 +238,7 @@ class LayerPruning:
     def attach(self, hooks) -> None:
         layers = self.lm.layers
         for s, plan in enumerate(self.plans):
-            if (plan.queries > 0 or plan.keys) and not plan.own_layer:
+            if reads_scores(plan) and not plan.own_layer:
                 hooks.post(layers[plan.layer - 1], partial(self.after_previous, s))
         for i in range(self.k, len(layers)):
             hooks.pre(layers[i], partial(self.layer_input, i))
@@ -221,7 +249,7 @@ class LayerPruning:
         if run is None or not run.spans:
             return None
         if s == 0:
-            return None if hidden.shape[1] != run.length or run.cut_done else run
+            return None if hidden.shape[1] != prompt_mask(run).shape[1] or run.cut_done else run
         if run.decoding or not run.cut_done or len(run.cuts) != s or hidden.shape[1] != current_length(run):
             return None
         return run
@@ -236,9 +264,9 @@ class LayerPruning:
     def after_previous(self, s: int, module, args, kwargs, output):
         """Post-hook of layer K-1: what layer K's selection reads from this layer.
 
-        Prefill: the last queries' attention row over the L keys of the current sequence, (B, L) float32, and / or
-        the layer's keys, (B, L, Hk * D). Decode step of a reducer that chooses again: the step query's row over
-        the cache.
+        Prefill: the last queries' attention row over the L keys of the current sequence, (B, L) float32, or the
+        question tokens' rows, and / or the layer's keys, (B, L, Hk * D). Decode step of a reducer that chooses
+        again: the step query's row over the cache.
         """
         hidden = hidden_arg(args, kwargs)
         cache = compat.cache_of(kwargs)
@@ -265,7 +293,8 @@ class LayerPruning:
         ``hidden`` (B, L, C), the current sequence, with ``kwargs`` (positions, rotary embeddings, cache)."""
         plan = self.plans[s]
         cos, sin = kwargs["position_embeddings"]
-        mask = run.base_mask.bool() if not run.cuts or run.cuts[-1] is None else run.cuts[-1].track.mask.bool()
+        visual, mask = current_sequence(run)
+        mask = mask.bool()
         # scoring is part of the method's own time (keys recomputed without RoPE or for layer K itself cost a k_proj)
         with Timer(self.session.state), torch.no_grad():
             keys = cached_keys(compat.cache_of(kwargs), layer_idx, hidden.shape[1]) if plan.rope else None
@@ -273,7 +302,19 @@ class LayerPruning:
                 keys = key_states(layer, hidden, cos, sin, plan.rope)
             if plan.keys:
                 run.keys = keys.transpose(1, 2).flatten(2)
-            if plan.queries > 0:
+            if plan.question:
+                index, valid = question_index(visual, mask)
+                query = query_states(
+                    layer,
+                    gather_seq(hidden, index),
+                    gather_seq(cos, index),
+                    gather_seq(sin, index),
+                    index.shape[1],
+                    plan.rope,
+                )
+                rows = attention_rows_max(query, keys, layer.self_attn.scaling, mask, index)
+                run.question = (rows, index, valid)
+            elif plan.queries > 0:
                 query = query_states(layer, hidden, cos, sin, plan.queries, plan.rope)
                 scaling = layer.self_attn.scaling
                 attention = attention_row(query, keys, scaling, mask)
@@ -304,7 +345,7 @@ class LayerPruning:
             if s == 0:
                 run.prompt_call = dict(kwargs)
             call = kwargs if run.cut is None else {**kwargs, **run.cut.layer_kwargs}
-            if self.plans[s].own_layer and (self.plans[s].queries > 0 or self.plans[s].keys):
+            if self.plans[s].own_layer and reads_scores(self.plans[s]):
                 self.read_scores(s, run, module, self.layers[s], hidden, call)
             return self.prune(s, run, args, call, hidden)
         if self.every_step:
@@ -325,25 +366,26 @@ class LayerPruning:
         out = hidden
         attention, run.attention = run.attention, None
         keys, run.keys = run.keys, None
+        question, run.question = run.question, None
         if s == 0:
             run.cut_done = True
-            run.kept = [Selection.identity(1, span.piece.num_tokens, hidden.device) for span in run.spans]
+            run.kept = [Selection.identity(1, span.positions.numel(), hidden.device) for span in run.spans]
         states = hidden
         if plan.final_norm:
             with torch.no_grad():
                 states = self.lm.norm(hidden)  # layer K-1's output through the model's final norm
-        visual, mask = run.visual, run.base_mask
-        if previous is not None:
-            visual, mask = gather_seq(run.visual, previous.index) & previous.valid, previous.track.mask
+        visual, mask = current_sequence(run)
         text = (~visual) & mask.bool()
         run.span_tokens = [] if self.every_step else None
         last = s == len(self.plans) - 1
         with Timer(state), torch.no_grad():
             for i, (span, pos) in enumerate(zip(run.spans, span_slots(run), strict=True)):
                 tokens = states[span.sample, pos][None]
-                ctx = TokenContext(grid=span.piece.grid, span=span.index)
+                ctx = TokenContext(grid=span.piece.grid, span=span.index, earlier=self.earlier(run, span, i))
                 if attention is not None:
                     ctx.attention = attention[span.sample, pos][None]
+                if question is not None:
+                    ctx.attention = question_attention(question, span.sample, pos)
                 if keys is not None:
                     t = text[span.sample].nonzero().squeeze(-1)
                     if plan.text_after_span:
@@ -353,7 +395,7 @@ class LayerPruning:
                 selection = (plan.select or reducer.select)(tokens, ctx)
                 run.kept[i] = run.kept[i].compose(selection)
                 if last:
-                    record_span(state, span, run.kept[i], "llm", int(span.positions[0]))
+                    self.record(run, span, i)
                 if run.span_tokens is not None:
                     run.span_tokens.append(tokens)
                 if selection.is_identity:
@@ -369,26 +411,47 @@ class LayerPruning:
         if bool(stays.all()) if previous is None else torch.equal(stays, previous.valid):  # nothing removed
             run.cuts.append(previous)
             run.cut = previous
-            if last and len(self.plans) > 1:
+            if last and self.records_lengths:
                 self.record_lengths(run, state)
             return None if previous is None else (args, kwargs)
         if self.every_step:
-            run.cut = LayerCut(
-                layer_kwargs=self.masked(kwargs, hidden, (run.base_mask * stays).to(run.base_mask.dtype))
-            )
+            run.cut = LayerCut(layer_kwargs=self.masked(kwargs, hidden, (mask * stays).to(mask.dtype)))
             run.cuts.append(run.cut)
             return args, {**kwargs, **run.cut.layer_kwargs}
         local, valid = left_pad_index(stays)
         new_hidden = gather_seq(out, local)
         index = local if previous is None else gather_seq(previous.index, local).masked_fill(~valid, 0)
         layer_kwargs, track = shortened_kwargs(
-            self.lm, run, run.prompt_call, new_hidden, index, valid, reducer.positions, self.layers[s]
+            self.lm, run, run.prompt_call, new_hidden, index, valid, reducer.positions, self.layers[s], prompt_mask(run)
         )
         run.cut = LayerCut(layer_kwargs=layer_kwargs, index=index, valid=valid, track=track)
         run.cuts.append(run.cut)
-        if last and len(self.plans) > 1:
+        if last and self.records_lengths:
             self.record_lengths(run, state)
         return with_hidden(args, {**kwargs, **layer_kwargs}, new_hidden)
+
+    def pre_llm_choice(self, run, span, i: int) -> Selection | None:
+        """The span's pre-LLM Selection (original numbering) when the reducer chose before the LLM, else None."""
+        before = run.earlier.get((span.sample, span.index))
+        if before is None and self.session.prunes_in_llm:  # the pre-LLM stage kept this span whole
+            before = Selection.identity(1, span.piece.num_tokens, run.kept[i].index.device)
+        return before
+
+    def earlier(self, run, span, i: int) -> Selection | None:
+        """``ctx.earlier``: the span's Selection by every stage before this one (pre-LLM and earlier prune stages
+        composed, original numbering; the current tokens are its outputs), or None when nothing chose before."""
+        before = self.pre_llm_choice(run, span, i)
+        if before is None:
+            return run.kept[i] if run.cuts else None
+        return before.compose(run.kept[i])
+
+    def record(self, run, span, i: int) -> None:
+        """The span's record after the last stage: every prune stage's choice in one (and the pre-LLM one before)."""
+        before = self.pre_llm_choice(run, span, i)
+        if before is None:
+            record_span(self.session.state, span, run.kept[i], "llm", int(span.positions[0]))
+        else:  # the span's record becomes both choices in one, in its original numbering
+            replace_span(self.session.state, span, before.compose(run.kept[i].ascending()), "llm")
 
     def record_stage(self, run, state) -> None:
         """Per sample, per stage so far, per span: (K_s,) the span's tokens left (``state.extra["stage_kept"]``)."""
@@ -401,7 +464,7 @@ class LayerPruning:
 
     def record_lengths(self, run, state) -> None:
         """Per sample, the tokens each decoder layer attended to (``state.extra["layer_lengths"]``, for FLOPs)."""
-        full = run.base_mask.sum(1)
+        full = prompt_mask(run).sum(1)
         lengths, s = [], -1
         for i in range(len(self.lm.layers)):
             s = self.stage_of.get(i, s)
@@ -447,24 +510,64 @@ class LayerPruning:
             raise ValueError(f"{self.reducer.name}: choosing again at every decode step masks tokens, it cannot merge")
 
 
+def reads_scores(plan: LayerPrune) -> bool:
+    """Whether a stage's selection reads anything from a layer before it prunes (attention rows or keys)."""
+    return plan.queries > 0 or plan.keys or plan.question
+
+
+def prompt_mask(run) -> Tensor:
+    """(B, L) 2-D mask of the prompt as the language model sees it at the prefill (after any pre-LLM reduction)."""
+    return run.seq.mask if run.seq is not None and not run.decoding else run.base_mask
+
+
+def current_sequence(run) -> tuple[Tensor, Tensor]:
+    """(visual (B, L) bool, mask (B, L)) of the sequence the layers after the last prune stage so far run on."""
+    cut = run.cuts[-1] if run.cuts else None
+    if cut is None:
+        return run.visual, prompt_mask(run)
+    return gather_seq(run.visual, cut.index) & cut.valid, cut.track.mask
+
+
+def question_index(visual: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Sequence indices of the non-visual prompt tokens after each row's first visual token, left-aligned:
+    (index (B, Q), valid (B, Q)); padding slots point at the last token."""
+    b, n = visual.shape
+    after = visual.long().cumsum(dim=1) > 0
+    text = (~visual) & mask.bool() & after
+    count = text.sum(dim=1)
+    q = max(int(count.max()), 1)
+    order = torch.sort((~text).long(), dim=1, stable=True).indices[:, :q]
+    valid = torch.arange(q, device=visual.device)[None] < count[:, None]
+    return torch.where(valid, order, n - 1), valid
+
+
+def question_attention(question, sample: int, positions: Tensor) -> Tensor:
+    """(1, n) float32: max over the rows of the text tokens after the span (all of the sample's, if none is)."""
+    rows, index, valid = question
+    after = valid[sample] & (index[sample] > positions.max())
+    if not bool(after.any()):
+        after = valid[sample] | (index[sample] == index[sample].max())
+    return rows[sample][after][:, positions].amax(dim=0)[None]
+
+
 def current_length(run) -> int:
     """Length of the sequence the layers after the last prune stage run on (the prompt's before any)."""
     cut = run.cuts[-1] if run.cuts else None
-    return run.length if cut is None else cut.index.shape[1]
+    return prompt_mask(run).shape[1] if cut is None else cut.index.shape[1]
 
 
 def span_slots(run) -> list[Tensor]:
     """Per span, (n,) long: where its tokens still left (``run.kept``; all before the first stage) sit in the
     current sequence, in span order."""
     cut = run.cuts[-1] if run.cuts else None
-    device = run.base_mask.device
+    device = run.visual.device
     sources = [kept.index[0] for kept in run.kept] if run.kept else [None] * len(run.spans)
     if cut is None:
         return [
             span.positions.to(device) if src is None else span.positions.to(device)[src]
             for span, src in zip(run.spans, sources, strict=True)
         ]
-    slot = torch.full(run.base_mask.shape, -1, dtype=torch.long, device=device)
+    slot = torch.full(prompt_mask(run).shape, -1, dtype=torch.long, device=device)
     rows, cols = cut.valid.nonzero(as_tuple=True)
     slot[rows, cut.index[rows, cols]] = cols
     return [slot[span.sample, span.positions.to(device)[src]] for span, src in zip(run.spans, sources, strict=True)]

@@ -97,9 +97,9 @@ def _block_parts(block: nn.Module) -> BlockParts:
             "tokreduce supports ResidualAttentionBlock (nn.MultiheadAttention) and CustomResidualAttentionBlock"
         )
 
-    def attention(x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        out, q, k = attend(block.attn, block.ln_1(x), bias)
-        return block.ls_1(post(out)), q, k
+    def attention(x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        out, q, k, v = attend(block.attn, block.ln_1(x), bias)
+        return block.ls_1(post(out)), q, k, v
 
     def mlp(x: Tensor) -> Tensor:
         return block.ls_2(block.mlp(block.ln_2(x)))
@@ -120,20 +120,20 @@ def _split_heads(t: Tensor, heads: int) -> Tensor:
     return t.reshape(b, n, heads, c // heads).transpose(1, 2)
 
 
-def _mha_attention(mha: nn.MultiheadAttention, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """nn.MultiheadAttention self-attention through SDPA. x: (B, N, C) -> ((B, N, C), q, k (B, H, N, D))."""
+def _mha_attention(mha: nn.MultiheadAttention, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """nn.MultiheadAttention self-attention through SDPA. x: (B, N, C) -> ((B, N, C), q, k, v (B, H, N, D))."""
     b, n, c = x.shape
     q, k, v = (_split_heads(t, mha.num_heads) for t in F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1))
     dropout = mha.dropout if mha.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=cast_bias(bias, q), dropout_p=dropout)
     out = mha.out_proj(out.transpose(1, 2).reshape(b, n, c))
-    return out, q, k
+    return out, q, k, v
 
 
 # Adapted from open_clip/transformer.py (3.3.0): Attention.forward (non-cosine path), with an additive logit
-# bias instead of attn_mask, returning q and k beside the output.
-def _sdpa_attention(attn: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """open_clip Attention. x: (B, N, C) -> ((B, N, C), q, k (B, H, N, D))."""
+# bias instead of attn_mask, returning q, k and v beside the output.
+def _sdpa_attention(attn: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """open_clip Attention. x: (B, N, C) -> ((B, N, C), q, k, v (B, H, N, D))."""
     b, n, c = x.shape
     q, k, v = (
         _split_heads(t, attn.num_heads) for t in F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
@@ -149,4 +149,4 @@ def _sdpa_attention(attn: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[Te
     if attn.head_scale is not None:
         out = out * attn.head_scale
     out = attn.ln_inner(out.transpose(1, 2).reshape(b, n, c))
-    return attn.out_drop(attn.out_proj(out)), q, k
+    return attn.out_drop(attn.out_proj(out)), q, k, v

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from tokreduce.context import Timer
-from tokreduce.stages import LayerScore
+from tokreduce.stages import LayerScore, LayerwisePrune
 
 from . import compat
 from .base import VLMAdapter
@@ -90,10 +90,7 @@ def received_attention(block, hidden: Tensor, cu_seqlens: Tensor, rotary, chunk:
     """
     attn = block.attn
     n = hidden.shape[0]
-    q, k, _ = attn.qkv(block.norm1(hidden)).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
-    q, k = apply(q, k, *rotary)
-    q, k = q.transpose(0, 1).float(), k.transpose(0, 1).float()  # (H, N, D)
+    q, k = vision_qk(block, hidden, rotary)
     scores = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):  # one loop step per image / window
@@ -102,6 +99,34 @@ def received_attention(block, hidden: Tensor, cu_seqlens: Tensor, rotary, chunk:
             probs = torch.softmax(q[:, first : min(end, first + chunk)] @ keys.transpose(-1, -2) * attn.scaling, -1)
             scores[start:end] += probs.sum(1).mean(0)
     return scores, k.mean(0)
+
+
+def vision_qk(block, hidden: Tensor, rotary) -> tuple[Tensor, Tensor]:
+    """A Qwen ViT block's rotary q and k of its input ``hidden`` (N, C): each (H, N, D) float32."""
+    attn = block.attn
+    n = hidden.shape[0]
+    q, k, _ = attn.qkv(block.norm1(hidden)).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+    q, k = apply(q, k, *rotary)
+    return q.transpose(0, 1).float(), k.transpose(0, 1).float()
+
+
+def merged_logits(block, hidden: Tensor, cu_seqlens: Tensor, rotary, unit: int, undo: Tensor | None) -> list[Tensor]:
+    """Per attention group (an image, or a video's temporal patch), the pre-softmax attention logits of a Qwen ViT
+    block averaged over heads and over the ``unit`` patches of each merged token on both sides: (m, m) float32 per
+    group, in the merged tokens' own order (``undo``: argsort of Qwen2.5-VL's window order, or None)."""
+    q, k = vision_qk(block, hidden, rotary)
+    out = []
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        logits = ((q[:, start:end] * block.attn.scaling) @ k[:, start:end].transpose(-1, -2)).mean(0)
+        m = (end - start) // unit
+        logits = logits.view(m, unit, m, unit).mean(dim=(1, 3))
+        if undo is not None:  # windows stay inside a group: its units are a permutation of its own range
+            local = undo[start // unit : end // unit] - start // unit
+            logits = logits[local][:, local]
+        out.append(logits)
+    return out
 
 
 class QwenVLAdapter(VLMAdapter):
@@ -159,6 +184,12 @@ class QwenVLAdapter(VLMAdapter):
 
     def attach_encoder(self, model, reducer, mode, state, session, hooks):
         """Vision stage: one-layer scoring from the last ViT block, applied to the merged tokens before the LLM."""
+        if isinstance(mode, LayerwisePrune):
+            raise ValueError(
+                f"{reducer.name} with stage 'vision' is not supported for model_type {model.config.model_type!r}: it "
+                "prunes inside the vision encoder by the CLS token's attention, and the Qwen ViT has no CLS token; "
+                f"use a reducer that scores one encoder layer ({encoder_scorers()}) or a pre_llm reducer"
+            )
         if not isinstance(mode, LayerScore):
             raise ValueError(
                 f"{reducer.name} with stage 'vision' is not supported for model_type {model.config.model_type!r} "
@@ -205,8 +236,17 @@ class ViTScores:
             if order is not None:  # hidden states are in window order; LLM tokens are not
                 undo = torch.argsort(order.to(scores.device))
                 scores, metric = scores[undo], metric[undo]
+            logits = None
+            if self.session.reducer.in_encoder().logits:
+                undo = None if order is None else torch.argsort(order.to(hidden.device))
+                blocks = merged_logits(module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"], unit, undo)
+                groups = [int(t) for t in self.grid[:, 0].tolist()]  # attention groups (temporal patches) per item
+                logits, at = [], 0
+                for count in groups:
+                    logits.append(torch.cat(blocks[at : at + count]))  # (t * m, m): each token to its group
+                    at += count
         sizes = (self.grid.prod(-1) // unit).tolist()
-        self.session.vision_records.append((scores.split(sizes), metric.split(sizes)))
+        self.session.vision_records.append((scores.split(sizes), metric.split(sizes), logits))
         return None
 
 
@@ -217,7 +257,8 @@ class QwenSession(Session):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.vision_records: list = []  # (scores, metric) per ViT call, in call order (images, then videos)
+        # (scores, metric, logits or None) per ViT call, in call order (images, then videos)
+        self.vision_records: list = []
 
     # -- prefill ------------------------------------------------------------------------------------------
     def prefill(self, kw: dict, cache):
@@ -236,6 +277,8 @@ class QwenSession(Session):
             return None
         args, new = out
         pos = new["position_ids"]
+        if self.prunes_in_llm and self.run is not None:  # a later prune in the LLM gathers the kept tokens' positions
+            self.run.rope_positions = pos[-3:]
         nxt = pos[-3:, :, -1] + 1  # (3, B) next M-RoPE position under the policy
         self.inner.rope_deltas = (nxt[0] - pos.shape[-1])[:, None]
         return args, new
@@ -293,8 +336,10 @@ class QwenSession(Session):
                 raise ValueError(
                     f"{self.reducer.name}: no ViT scores were recorded for this prompt (was the vision tower run?)"
                 )
-            scores, metric = records.pop(0)
+            scores, metric, logits = records.pop(0)
             side["attention"][modality], side["metric"][modality] = list(scores), list(metric)
+            if logits is not None:
+                side.setdefault("logits", {})[modality] = logits
         self.state.extra["vit_attention"] = side["attention"]  # per item (L_i,), for overlays and checks
         return side
 

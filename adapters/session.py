@@ -10,10 +10,14 @@ checks that a prefill with visual tokens recorded a selection and was not a deco
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
 from tokreduce.context import ReductionState, SpanSelection, Timer, TokenContext
+from tokreduce.selection import Selection
+from tokreduce.stages import LayerPrune
 
 from . import compat
 from .layout import Span, plan_spans
@@ -64,6 +68,46 @@ def record_span(state: ReductionState, span: Span, selection, stage: str, start:
         span.piece.num_tokens,
         selection.num_kept,
     )
+
+
+def replace_span(state: ReductionState, span: Span, selection, stage: str) -> None:
+    """Replace the recorded selection of ``span`` (an earlier stage's) by ``selection``, in the same numbering."""
+    row = state.selections[span.sample]
+    at = next(i for i, s in enumerate(row) if s.span == span.index)
+    old = row[at]
+    row[at] = dataclasses.replace(
+        old,
+        index=selection.index[0].detach().cpu(),
+        assign=None if selection.assign is None else selection.assign[0].detach().cpu(),
+        stage=stage,
+    )
+    state.stats.tokens_out[span.sample] += selection.num_kept - old.index.numel()
+
+
+def rebased_spans(
+    spans: list[Span], state: ReductionState, index: Tensor, valid: Tensor, length: int, earlier: dict
+) -> list[Span]:
+    """The spans in a shortened sequence: the positions of their kept tokens there; their recorded selections go to
+    ``earlier`` ((sample, span index) -> Selection of batch one, in the span's original numbering).
+
+    ``index`` / ``valid`` (B, L): the original position (of ``length``) of each slot of the shortened sequence
+    (:func:`shrink_sequence`).
+    """
+    where = torch.full((index.shape[0], length), -1, dtype=torch.long, device=index.device)
+    rows = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)
+    slots = torch.arange(index.shape[1], device=index.device).expand_as(index)
+    where[rows[valid], index[valid]] = slots[valid]
+    out = []
+    for span in spans:
+        record = next(s for s in state.selections[span.sample] if s.span == span.index)
+        device = span.positions.device
+        assign = None if record.assign is None else record.assign[None].to(device)
+        earlier[(span.sample, span.index)] = Selection(
+            index=record.index[None].to(device), num_tokens=record.num_tokens, assign=assign
+        )
+        kept = span.positions.to(index.device)[record.index.to(index.device)]
+        out.append(dataclasses.replace(span, positions=where[span.sample, kept]))
+    return out
 
 
 class Hooks:
@@ -139,6 +183,7 @@ def reduce_features(
     stage: str,
     width: int | None = None,
     side: dict[str, dict[str, list[Tensor]]] | None = None,
+    instruction: list[Tensor] | None = None,
 ):
     """Reduce every span of the projected features; returns the reduced per-item features, or None if unchanged.
 
@@ -150,6 +195,7 @@ def reduce_features(
             tokens, e.g. Qwen3-VL's deepstack features) are gathered / merged with the same selection.
         side: per-token side information aligned with the items, ``{TokenContext field: {modality: [(L_i, *)]}}``
             (e.g. ViT attention scores for a one-layer scoring reducer), handed to the reducer for each span.
+        instruction: per sample, the (M_b, C) input embeddings of its text tokens (``TokenContext.instruction``).
     """
     edits = ItemEdits(features)
     with Timer(state):
@@ -158,13 +204,15 @@ def reduce_features(
             offsets = span.piece.offsets.to(feats.device)
             tokens = feats[offsets][None]
             extra = {name: per[span.modality][span.item][offsets][None] for name, per in (side or {}).items()}
+            if instruction is not None:
+                extra["instruction"] = instruction[span.sample][None]
             ctx = TokenContext(grid=span.piece.grid, span=span.index, **extra)
             with torch.no_grad():  # choosing is not differentiable; the merge below keeps the graph
                 selection = reducer.select(tokens[..., :width].detach(), ctx)
             record_span(state, span, selection, stage, int(span.positions[0]))
             if selection.is_identity:
                 continue
-            values = reducer.apply(tokens, selection)  # the method's own aggregation of merged tokens
+            values = reducer.apply(tokens, selection, ctx=ctx)  # the method's own aggregation of merged tokens
             edits.write(span, offsets, selection.index[0], values[0])
     return edits.finish(placed, stays)
 
@@ -182,6 +230,11 @@ class Session:
         self.stage = reducer.stage
         self.run: Run | None = None
         self.call: Call | None = None  # what the pre-hook made of the running forward, checked after it
+        # a pre-LLM reducer that prunes again inside the language model keeps its spans after the reduction
+        plan = reducer.in_llm() if self.stage == "pre_llm" else None
+        self.prunes_in_llm = isinstance(plan, LayerPrune) or (
+            isinstance(plan, tuple) and all(isinstance(p, LayerPrune) for p in plan)
+        )
 
     def watch(self, hooks: Hooks) -> None:
         """Hook the inner model's forward: :meth:`pre_hook` reduces, :meth:`post_hook` checks that it did."""
@@ -303,9 +356,21 @@ class Session:
         Vision-stage sessions (vision.py) override this to reduce with what their encoder hooks recorded.
         """
         features = self.encoded(kw, features, layouts)
-        return reduce_features(
-            self.reducer, run.spans, features, placed, self.state, stays, self.stage, **self.reduce_options(features)
-        )
+        options = self.reduce_options(features)
+        inputs = self.reducer.in_pre_llm()
+        if inputs is not None and inputs.instruction:
+            options["instruction"] = self.instruction(kw, run)
+        return reduce_features(self.reducer, run.spans, features, placed, self.state, stays, self.stage, **options)
+
+    def instruction(self, kw: dict, run: Run) -> list[Tensor]:
+        """Per sample, the language model's input embeddings (M_b, C) of its prompt tokens that are neither visual
+        placeholders nor padding, in prompt order (what :class:`tokreduce.stages.PreLLMInputs` declares)."""
+        ids = kw["input_ids"]
+        placeholders = torch.tensor(list(self.adapter.token_ids(self.config).values()), device=ids.device)
+        text = (run.base_mask != 0) & ~run.visual & ~torch.isin(ids, placeholders)
+        with torch.no_grad():
+            embeddings = self.inner.get_input_embeddings()(ids)
+        return [embeddings[b][text[b]] for b in range(ids.shape[0])]
 
     def encoded(self, kw: dict, features: dict | None, layouts: dict) -> dict[str, list[Tensor]]:
         """The call's per-item features (encoded here unless generate passed them), checked against the layouts."""
@@ -341,7 +406,10 @@ class Session:
         )
         run.seq = track
         run.visual = gather_seq(run.visual, index) & valid
-        run.spans = []  # positions changed; later stages (decode-time policies) use run.visual instead
+        # positions changed: later stages (decode-time policies) use run.visual, a later prune the rebased spans
+        run.spans = (
+            rebased_spans(run.spans, self.state, index, valid, run.length, run.earlier) if self.prunes_in_llm else []
+        )
         for name in self.adapter.vision_inputs():
             if name in new:
                 new[name] = None

@@ -55,6 +55,10 @@ class Run:
         attention: (B, N) float32 attention row of layer K-1, waiting for layer K's selection ((B, S) over the
             whole cache at a decode step when the selection is made again at every step).
         keys: (B, N, Hk * D) RoPE'd keys of layer K-1 (heads flattened), waiting for layer K's selection.
+        question: (rows (B, Q, N) float32, index (B, Q), valid (B, Q)): layer K-1's attention of the question tokens
+            (max over heads), waiting for layer K's selection.
+        earlier: (sample, span index) -> the span's pre-LLM Selection (original numbering, batch of one), for a
+            reducer that prunes again inside the language model; ``spans`` then hold the kept tokens' positions.
         span_tokens: per span, (1, N_span, C) the tokens handed to the reducer at the prefill, handed again at
             every decode step when the selection is made again at every step (else None).
         cut: what the layers of the in-LLM prune stage now running get (None before layer K ran, or while the
@@ -85,6 +89,8 @@ class Run:
     rope_positions: Tensor | None = None
     attention: Tensor | None = None
     keys: Tensor | None = None
+    question: tuple[Tensor, Tensor, Tensor] | None = None
+    earlier: dict[tuple[int, int], Selection] = field(default_factory=dict)
     span_tokens: list[Tensor] | None = None
     cut: LayerCut | None = None
     cuts: list[LayerCut | None] = field(default_factory=list)

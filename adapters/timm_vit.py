@@ -68,9 +68,9 @@ def _block_parts(block: nn.Module) -> BlockParts:
             "tokreduce supports timm vision_transformer.Block with timm.layers.Attention (pre-norm ViT blocks)"
         )
 
-    def attention(x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        out, q, k = _attention(block.attn, block.norm1(x), bias)
-        return block.drop_path1(block.ls1(out)), q, k
+    def attention(x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        out, q, k, v = _attention(block.attn, block.norm1(x), bias)
+        return block.drop_path1(block.ls1(out)), q, k, v
 
     def mlp(x: Tensor) -> Tensor:
         return block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
@@ -79,9 +79,9 @@ def _block_parts(block: nn.Module) -> BlockParts:
 
 
 # Adapted from timm/layers/attention.py (1.0.31): Attention.forward, with an additive logit bias instead of
-# attn_mask, returning q and k beside the output; the fused / explicit choice is kept.
-def _attention(attn: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """x: (B, N, C) normed tokens, bias: (B, 1, 1, N) or None -> ((B, N, C), q, k (B, H, N, D))."""
+# attn_mask, returning q, k and v beside the output; the fused / explicit choice is kept.
+def _attention(attn: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x: (B, N, C) normed tokens, bias: (B, 1, 1, N) or None -> ((B, N, C), q, k, v (B, H, N, D))."""
     b, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -97,4 +97,4 @@ def _attention(attn: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[Tensor,
     out = attn.norm(out.transpose(1, 2).reshape(b, n, -1))
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), q, k
+    return attn.proj_drop(attn.proj(out)), q, k, v

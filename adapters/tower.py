@@ -109,17 +109,28 @@ def layer_scores(layer, hidden: Tensor, has_cls: bool, budget: int = 1 << 26) ->
     return torch.cat(scores), torch.cat(metric)
 
 
+def layer_logits(layer, hidden: Tensor, budget: int = 1 << 26) -> Tensor:
+    """An encoder layer's pre-softmax attention logits for its input ``hidden`` (R, T, C), mean over heads: (R, T, T)
+    float32, in chunks of whole crops / frames."""
+    per_row = layer.self_attn.num_heads * hidden.shape[1] ** 2
+    out = []
+    for chunk in hidden.split(max(1, budget // per_row)):
+        q, k = project(layer, chunk)
+        out.append(((q.float() * layer.self_attn.scale) @ k.float().transpose(-1, -2)).mean(dim=1))
+    return torch.cat(out)
+
+
 # Adapted from transformers/models/clip/modeling_clip.py (v5.23): CLIPEncoderLayer.forward + CLIPAttention.forward,
 # split between attention and MLP (the merge point), attention through SDPA with an additive log-size bias.
 def layer_parts(layer) -> BlockParts:
     """One CLIP / SigLIP encoder layer as :class:`BlockParts`."""
     attn = layer.self_attn
 
-    def attention(x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def attention(x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         q, k, v = project(layer, x, values=True)
         drop = attn.dropout if attn.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=cast_bias(bias, q), dropout_p=drop, scale=attn.scale)
-        return attn.out_proj(out.transpose(1, 2).reshape(x.shape)), q, k
+        return attn.out_proj(out.transpose(1, 2).reshape(x.shape)), q, k, v
 
     def mlp(x: Tensor) -> Tensor:
         return layer.mlp(layer.layer_norm2(x))
@@ -133,9 +144,10 @@ class ScoreTap:
     They act only inside :meth:`recording`, i.e. while a wrapped feature function runs.
     """
 
-    def __init__(self, tower: Tower, score_layer: int):
+    def __init__(self, tower: Tower, score_layer: int, logits: bool = False):
         self.tower = tower
         self.score_layer = score_layer
+        self.logits = logits  # also the layer's head-mean attention logits (LayerScore.logits)
         self.found: dict | None = None
 
     def attach(self, hooks) -> None:
@@ -156,6 +168,8 @@ class ScoreTap:
             start = time.perf_counter()
             with torch.no_grad():
                 self.found["scores"], self.found["metric"] = layer_scores(module, hidden, self.tower.has_cls)
+                if self.logits:
+                    self.found["logits"] = layer_logits(module, hidden)
             self.found["seconds"] += time.perf_counter() - start
         return None
 
@@ -198,7 +212,9 @@ class MergingTower:
                     f"{self.name} cannot merge tokens in a vision encoder layer called with an attention mask"
                 )
             else:
-                out = merge_block(hidden_states, parts, r, self.protected, run, self.clock, self.mode)
+                out = merge_block(
+                    hidden_states, parts, r, self.protected, run, self.clock, self.mode, (i, len(self.blocks))
+                )
             run.counts.append(out.shape[1])
             return out
 

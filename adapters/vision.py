@@ -57,12 +57,14 @@ from torch import Tensor
 
 from tokreduce.context import SpanSelection, Timer, TokenContext
 from tokreduce.selection import Selection
-from tokreduce.stages import BlockMerge
+from tokreduce.stages import BlockMerge, LayerwisePrune
 
+from .layerwise import LayerwiseRun, scored_block
 from .rows import ItemRows, RowTokens, pack_group
 from .sequence import signature_kwargs
 from .session import ItemEdits, Session, identity_span
-from .tower import InstanceMethod, MergingTower, ScoreTap, Tower, tower_of
+from .tower import InstanceMethod, MergingTower, ScoreTap, Tower, layer_parts, tower_of
+from .vit_common import InstanceForward
 
 FEATURE_FUNCTIONS = {"image": "get_image_features", "video": "get_video_features"}
 
@@ -78,7 +80,10 @@ class Record:
         merged: the composed merge over the rows' [CLS] + patch tokens (None: nothing merged).
         scores, metric, hidden: one-layer per-row (R, T) scores, (R, T, D) metric, (R, T, C) feature-layer
             hidden states, CLS token included.
-        plans: per item of the call, how its rows become its tokens (one-layer scoring).
+        logits: (R, T, T) that layer's head-mean pre-softmax attention logits, when the reducer asks for them.
+        plans: per item of the call, how its rows become its tokens (one-layer scoring, layerwise pruning).
+        kept: per row, the patches a layerwise pruning kept in the tower (ascending); ``hidden`` then holds them
+            at their places.
         extra: counts for ``state.extra`` (tokens per layer, sizes, schedule).
     """
 
@@ -88,7 +93,9 @@ class Record:
     scores: Tensor | None = None
     metric: Tensor | None = None
     hidden: Tensor | None = None
+    logits: Tensor | None = None
     plans: list[ItemRows] | None = None
+    kept: list[Tensor] | None = None
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -114,7 +121,14 @@ def attach_vision(adapter, model, reducer, mode, state, session, hooks) -> Sessi
             "stage='pre_llm'), or use a reducer that scores one encoder layer"
         )
     inner = adapter.inner(model)
-    vision = VisionSession(adapter, model, reducer, state, tower_of(inner, inner.config), mode)
+    tower = tower_of(inner, inner.config)
+    if isinstance(mode, LayerwisePrune) and not tower.has_cls:
+        raise ValueError(
+            f"{reducer.name} with stage 'vision' is not supported for model_type {model_type!r}: it prunes inside the "
+            f"vision tower by the CLS token's attention, and this model's {inner.config.vision_config.model_type!r} "
+            "tower has no CLS token; use a reducer that scores one encoder layer or a pre_llm reducer"
+        )
+    vision = VisionSession(adapter, model, reducer, state, tower, mode)
     vision.attach(hooks)
     return vision
 
@@ -143,8 +157,12 @@ class VisionSession(Session):
         self.in_tower = getattr(adapter, "vision_in_tower", False)
         self.records: dict[str, Record] = {}  # modality -> the latest feature-function call of this prompt
         self.merging = MergingTower(tower, reducer, mode) if isinstance(mode, BlockMerge) else None
-        self.tap = None
-        if self.merging is None:
+        self.tap = self.layerwise = self.layouts = None
+        if isinstance(mode, LayerwisePrune):
+            self.parts = parts = [layer_parts(layer) for layer in tower.layers[: tower.feature + 1]]
+            plain = lambda i, x: parts[i].original(x, None)  # noqa: E731
+            self.layerwise = LayerwiseRun(mode, tower.feature, lambda i, x: scored_block(parts[i], x), plain)
+        elif self.merging is None:
             n = len(tower.layers)
             layer = tower.feature if mode.layer is None else mode.layer
             if not -n <= layer < n:
@@ -152,11 +170,14 @@ class VisionSession(Session):
                     f"{reducer.name} layer must be an encoder layer index in [{-n}, {n - 1}] for this vision tower, "
                     f"got {layer}"
                 )
-            self.tap = ScoreTap(tower, layer % n)
+            self.tap = ScoreTap(tower, layer % n, logits=mode.logits)
 
     def attach(self, hooks) -> None:
         if self.merging is not None:
             self.merging.attach(hooks.handles)
+        elif self.layerwise is not None:
+            for i, layer in enumerate(self.tower.layers[: self.tower.feature + 1]):
+                hooks.handles.append(InstanceForward(layer, self.layerwise_block(i)))
         else:
             self.tap.attach(hooks)
         # features the model computes itself after the prefill hook (nothing reduced) must not outlive the call
@@ -164,6 +185,18 @@ class VisionSession(Session):
         for modality, name in FEATURE_FUNCTIONS.items():
             if hasattr(self.inner, name):
                 hooks.handles.append(InstanceMethod(self.inner, name, self.wrap(modality, getattr(self.inner, name))))
+
+    def layerwise_block(self, i: int):
+        def forward(hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+            if self.layerwise.budgets is None:  # the tower called outside the feature functions
+                return self.parts[i].original(hidden_states, attention_mask, **kwargs)
+            if attention_mask is not None:
+                raise ValueError(
+                    f"{self.reducer.name} cannot prune in a vision encoder layer called with an attention mask"
+                )
+            return self.layerwise.block(i, hidden_states)
+
+        return forward
 
     # -- during the feature functions ---------------------------------------------------------------------
     def wrap(self, modality: str, original):
@@ -184,7 +217,9 @@ class VisionSession(Session):
                     f"{self.reducer.name} with stage 'vision' on model_type {config.model_type!r} supports fixed-size "
                     "images (one square grid per image), not image_sizes; use a pre_llm reducer"
                 )
-            if self.merging is not None:
+            if self.layerwise is not None:
+                out, record = self.prune_in_tower(modality, call, strategy, original, args, kwargs)
+            elif self.merging is not None:
                 before = self.merging.clock.stats.seconds
                 out = original(*args, **kwargs)
                 record = self.merge_record(out, strategy)
@@ -218,6 +253,36 @@ class VisionSession(Session):
             out.pooler_output = list(merged.gather(1, slots).unbind(0))
         return record
 
+    def prune_in_tower(self, modality: str, call: dict, strategy: str, original, args, kwargs):
+        """Run ``original`` with the tower pruning every row to its budget; its output and the record."""
+        vision = self.inner.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        plans = self.adapter.vision_rows(self.inner, modality, call)
+        items = (self.layouts or {}).get(modality) or []
+        if len(items) == len(plans):  # the item's tokens in the language model, as one-layer scoring counts them
+            sizes = [sum(piece.num_tokens for piece in item.pieces) for item in items]
+        else:  # the tower called outside a prefill: the tower's own patches
+            sizes = [plan.rows * patches for plan in plans]
+        run = self.layerwise
+        run.budgets = [
+            self.mode.for_rows(n, plan.rows).num_kept(patches)
+            for n, plan in zip(sizes, plans, strict=True)
+            for _ in range(plan.rows)
+        ]
+        run.seconds, run.kept = 0.0, []
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            budgets, run.budgets = run.budgets, None
+        if len(run.kept) != len(budgets):
+            raise ValueError(
+                f"{self.reducer.name}: the vision tower did not reach the feature layer {self.tower.feature}"
+            )
+        record = Record(rows=len(budgets), strategy=strategy, seconds=run.seconds, plans=plans)
+        record.hidden, record.kept = run.output, list(run.kept)
+        record.extra = {"tokens_per_layer": list(run.counts)}
+        return out, record
+
     def score_record(self, modality: str, call: dict, found: dict, strategy: str) -> Record:
         if "scores" not in found:
             raise ValueError(
@@ -225,6 +290,7 @@ class VisionSession(Session):
             )
         record = Record(rows=found["scores"].shape[0], strategy=strategy, seconds=found["seconds"])
         record.scores, record.metric, record.hidden = found["scores"], found["metric"], found["hidden"]
+        record.logits = found.get("logits")
         record.plans = self.adapter.vision_rows(self.inner, modality, call)
         if sum(plan.rows for plan in record.plans) != record.rows:
             raise ValueError(
@@ -245,6 +311,13 @@ class VisionSession(Session):
             # pixels, a pair the model refuses when nothing was reduced
             return (), {**kw, "mm_encoder_outputs": None}
         return out
+
+    def encoded(self, kw: dict, features: dict | None, layouts: dict) -> dict:
+        self.layouts = layouts  # a layerwise pruning sizes each row's budget from its item's tokens
+        try:
+            return super().encoded(kw, features, layouts)
+        finally:
+            self.layouts = None
 
     def all_identity(self, spans) -> bool:
         # a merge schedule is not a per-span budget; an identity reducer never gets here (dispatch)
@@ -269,7 +342,8 @@ class VisionSession(Session):
             self.state.extra.update(record.extra)
         if self.merging is not None:
             return apply_spans(run.spans, features, placed, stays, self.choose_merged, self.state)
-        self.state.extra["vision_layer"] = self.tap.score_layer
+        if self.tap is not None:
+            self.state.extra["vision_layer"] = self.tap.score_layer
         return self.reduce_rows(run.spans, features, placed, stays)
 
     def choose_merged(self, span, tokens: Tensor) -> SpanResult:
@@ -311,12 +385,16 @@ class VisionSession(Session):
         side = math.isqrt(patches)
         if side * side != patches:
             raise ValueError(f"{self.reducer.name} (stage 'vision') needs square crops / frames, got {patches} patches")
-        if reducer.num_kept(patches) >= patches:  # nothing to drop in any row: the model's own tokens
+        first = sum(p.rows for p in record.plans[:item])
+        if record.kept is not None:
+            full = all(record.kept[first + r].numel() >= patches for r in range(plan.rows))
+        else:
+            full = reducer.num_kept(patches) >= patches
+        if full:  # nothing to drop in any row: the model's own tokens
             for span in spans:
                 self.state.record(identity_span(span, "vision"), span.piece.num_tokens, span.piece.num_tokens)
             return None
-        first = sum(p.rows for p in record.plans[:item])
-        summaries = reducer.in_encoder().summaries
+        summaries = getattr(reducer.in_encoder(), "summaries", None)
         rows = [self.reduce_row(record, first + r, reducer, summaries) for r in range(plan.rows)]
         out, start = [], 0
         dropped = feats.shape[0] - n - (plan.newline is not None)  # tokens outside the grids that go (newlines)
@@ -346,10 +424,17 @@ class VisionSession(Session):
     def reduce_row(self, record: Record, row: int, reducer, summaries) -> RowTokens:
         """The reducer on one row's feature-layer [CLS, patches] hidden states, merged there, then projected."""
         p = self.tower.prefix
-        cls = p if self.mode.keep_cls else 0  # CLS tokens among the candidates
-        hidden, scores, metric = (t[row : row + 1, p - cls :] for t in (record.hidden, record.scores, record.metric))
-        ctx = TokenContext(attention=scores, metric=metric, protected=cls)
-        merged, selection = reducer.reduce(hidden, ctx)
+        cls = p if getattr(self.mode, "keep_cls", False) else 0  # CLS tokens among the candidates
+        hidden = record.hidden[row : row + 1, p - cls :]
+        if record.kept is not None:  # chosen inside the tower
+            selection = Selection(index=record.kept[row][None] + cls, num_tokens=hidden.shape[1])
+            merged, ctx = selection.gather(hidden), None
+        else:
+            scores, metric = (t[row : row + 1, p - cls :] for t in (record.scores, record.metric))
+            ctx = TokenContext(attention=scores, metric=metric, protected=cls)
+            if record.logits is not None:  # every token's row (the CLS row first) to the candidates
+                ctx.logits = record.logits[row : row + 1, :, p - cls :]
+            merged, selection = reducer.reduce(hidden, ctx)
         projected = self.inner.multi_modal_projector(merged)[0]  # (K, C): the paper's projector input
         summary = torch.zeros(selection.num_kept, dtype=torch.bool, device=projected.device)
         if summaries is not None:

@@ -1,9 +1,11 @@
 """Shared machinery of the encoder adapters (timm, open_clip ViTs; the LLaVA towers): reducers inside the blocks.
 
-Two kinds of methods work inside an encoder (:mod:`tokreduce.stages`): :class:`~tokreduce.stages.BlockMerge`
+Three kinds of methods work inside an encoder (:mod:`tokreduce.stages`): :class:`~tokreduce.stages.BlockMerge`
 merges a few tokens in every block between attention and MLP, with proportional attention (log size added
 to the logits); :class:`~tokreduce.stages.LayerScore` scores the tokens with one block's attention and keys
-and reduces them there. A family adapter describes each block as :class:`BlockParts` (its attention branch
+and reduces them there; :class:`~tokreduce.stages.LayerwisePrune` prunes step by step in the blocks up to the
+last (the head reads its output), with the CLS row and the values of each block
+(:class:`~tokreduce.adapters.layerwise.LayerwiseRun`). A family adapter describes each block as :class:`BlockParts` (its attention branch
 returning q and k, its MLP branch, its untouched forward); the functions here replace each block's ``forward`` on the instance
 (``del``-restored by the handle, nothing patched at import, no ``__class__`` swap) and carry per-forward
 state from block to block: token sizes, the composed :class:`~tokreduce.Selection` (the source map for
@@ -37,11 +39,13 @@ from torch import Tensor, nn
 
 from tokreduce.context import ReductionState, SpanSelection, Timer, TokenContext
 from tokreduce.selection import Selection
-from tokreduce.stages import BlockMerge, LayerScore
+from tokreduce.stages import BlockMerge, LayerScore, LayerwisePrune
 
-# attention(x (B, N, C), bias (B, 1, 1, N) float32 or None) -> (residual branch (B, N, C), q, k (B, H, N, D));
+from .layerwise import LayerwiseRun, scored_block
+
+# attention(x (B, N, C), bias (B, 1, 1, N) float32 or None) -> (residual branch (B, N, C), q, k, v (B, H, N, D));
 # the block's logits are scale * q @ k^T + bias.
-AttentionFn = Callable[[Tensor, "Tensor | None"], "tuple[Tensor, Tensor, Tensor]"]
+AttentionFn = Callable[[Tensor, "Tensor | None"], "tuple[Tensor, Tensor, Tensor, Tensor]"]
 
 
 @dataclass
@@ -49,7 +53,7 @@ class BlockParts:
     """One pre-norm transformer block split at the point where block-merging methods merge.
 
     Attributes:
-        attention: ``x -> (x_attn, q, k)``, the whole attention residual branch (norm, attention with an
+        attention: ``x -> (x_attn, q, k, v)``, the whole attention residual branch (norm, attention with an
             additive logit bias, layer scale, drop path), see ``AttentionFn``.
         mlp: ``x -> x_mlp``, the whole MLP residual branch.
         original: the block's untouched forward, used while there is nothing to change.
@@ -115,10 +119,14 @@ class _Run:
     counts: list[int] = field(default_factory=list)
 
 
-def attach(encoder: Encoder, reducer, mode: BlockMerge | LayerScore, state: ReductionState, handles: list) -> None:
+def attach(
+    encoder: Encoder, reducer, mode: BlockMerge | LayerScore | LayerwisePrune, state: ReductionState, handles: list
+) -> None:
     """Attach ``reducer`` to ``encoder`` as its ``mode`` declares; every handle goes into ``handles``."""
     if isinstance(mode, BlockMerge):
         _attach_block_merge(encoder, mode, state, handles)
+    elif isinstance(mode, LayerwisePrune):
+        _attach_layerwise(encoder, reducer, mode, state, handles)
     else:
         _attach_layer_score(encoder, reducer, mode, state, handles)
 
@@ -143,7 +151,7 @@ def _attach_block_merge(encoder: Encoder, mode: BlockMerge, state: ReductionStat
                 out = parts.original(x, *args, **kwargs)
             else:
                 _check_plain_call(encoder, args, kwargs)
-                out = merge_block(_to_bnc(x, encoder), parts, r, protected, run, state, mode)
+                out = merge_block(_to_bnc(x, encoder), parts, r, protected, run, state, mode, (i, num_layers))
                 out = _from_bnc(out, encoder)
             run.counts.append(_to_bnc(out, encoder).shape[1])
             if i == num_layers - 1:
@@ -159,24 +167,36 @@ def _attach_block_merge(encoder: Encoder, mode: BlockMerge, state: ReductionStat
 
 
 def merge_block(
-    x: Tensor, parts: BlockParts, r: int, protected: int, run: _Run, state: ReductionState, mode: BlockMerge
+    x: Tensor,
+    parts: BlockParts,
+    r: int,
+    protected: int,
+    run: _Run,
+    state: ReductionState,
+    mode: BlockMerge,
+    block: tuple[int, int],
 ) -> Tensor:
-    """One merging block on (B, N, C): attention with proportional bias, merge r tokens, MLP.
+    """One merging block on (B, N, C): attention (with proportional bias unless the mode declines it), merge r
+    tokens, MLP (where the mode merges the block's output: attention, MLP, merge). ``block`` is (this block's
+    index, number of merging blocks).
 
-    The merged tokens leave in the order ``mode.match`` declares, which the next block's matching sees.
+    The merged tokens leave in the order the mode's match declares, which the next block's matching sees.
     """
-    x_attn, _, k = parts.attention(x, size_bias(run.size))
+    x_attn, _, k, *_ = parts.attention(x, size_bias(run.size) if mode.proportional else None)
     x = x + x_attn
+    if mode.after_mlp:
+        x = x + parts.mlp(x)
     if r > 0:
         with Timer(state):
-            # the metric: the block's keys averaged over heads
-            selection, order = mode.match(k.mean(dim=1), r, protected)
+            # the metric: the block's output states, or its keys averaged over heads
+            metric = x if mode.after_mlp else k.mean(dim=1)
+            selection, order = mode.matcher(*block)(metric, r, protected)
             selection = selection.reorder(order)
             x = selection.merge(x, run.size)
             run.size = selection.sizes(run.size)
             # The composed selection is the source map (which original patches each token stands for).
             run.selection = selection if run.selection is None else run.selection.compose(selection)
-    return x + parts.mlp(x)
+    return x if mode.after_mlp else x + parts.mlp(x)
 
 
 def size_bias(size: Tensor | None) -> Tensor | None:
@@ -228,7 +248,7 @@ def _attach_layer_score(encoder: Encoder, reducer, mode: LayerScore, state: Redu
             return out
         _check_plain_call(encoder, args, kwargs)
         x = _to_bnc(x, encoder)
-        x_attn, q, k = parts.attention(x, None)
+        x_attn, q, k, *_ = parts.attention(x, None)
         x = x + x_attn
         x = x + parts.mlp(x)
         with Timer(state):
@@ -245,6 +265,51 @@ def _attach_layer_score(encoder: Encoder, reducer, mode: LayerScore, state: Redu
         return _from_bnc(x, encoder)
 
     handles.append(InstanceForward(block, forward))
+
+
+# -- pruning step by step ----------------------------------------------------------------------------------
+
+
+def _attach_layerwise(encoder: Encoder, reducer, mode: LayerwisePrune, state: ReductionState, handles: list) -> None:
+    if not encoder.has_cls or encoder.protected != 1:
+        raise ValueError(
+            f"{reducer.name} is not supported for this {encoder.name}: it prunes by the CLS token's attention and "
+            f"needs exactly one prefix token, a CLS token (this encoder has {encoder.protected} prefix token(s), "
+            f"{'a' if encoder.has_cls else 'no'} CLS token)"
+        )
+    all_parts = [encoder.parts(block) for block in encoder.blocks]
+    last = len(all_parts) - 1
+    layerwise = LayerwiseRun(
+        mode, last, lambda i, x: scored_block(all_parts[i], x), lambda i, x: all_parts[i].original(x), scatter=False
+    )
+    run = _Run()
+
+    def make_forward(i: int):
+        def forward(x: Tensor, *args, **kwargs) -> Tensor:
+            if i == 0:
+                _start(run, state, x, encoder.batch_first)
+                patches = run.n_in - 1
+                layerwise.budgets = [mode.for_rows(patches, 1).num_kept(patches)] * run.batch
+            if layerwise.budgets[0] >= run.n_in - 1:  # nothing to drop: the untouched blocks
+                out = all_parts[i].original(x, *args, **kwargs)
+                run.counts.append(run.n_in)
+            else:
+                _check_plain_call(encoder, args, kwargs)
+                out = _from_bnc(layerwise.block(i, _to_bnc(x, encoder)), encoder)
+                run.counts = list(layerwise.counts)
+            if i == last:
+                if len(layerwise.kept) == run.batch and layerwise.budgets[0] < run.n_in - 1:
+                    kept = torch.stack(layerwise.kept)
+                    run.selection = _with_prefix(Selection(index=kept, num_tokens=run.n_in - 1), 1)
+                state.stats.seconds += layerwise.seconds
+                layerwise.seconds = 0.0
+                _record(run, state, encoder, 1)
+            return out
+
+        return forward
+
+    for i, block in enumerate(encoder.blocks):
+        handles.append(InstanceForward(block, make_forward(i)))
 
 
 def received_attention(q: Tensor, k: Tensor, scale: float, has_cls: bool) -> Tensor:

@@ -24,7 +24,7 @@ from PIL import Image
 import tokreduce
 from tokreduce import toy
 from tokreduce.eval.measure import time_prefill
-from tokreduce.flops import LMShape, layer_lengths, prefill_flops, reduction_layer
+from tokreduce.flops import LMShape, layer_lengths, prefill_flops
 from tokreduce.prompts import chat_inputs
 from tokreduce.viz import overlay_spans
 
@@ -109,11 +109,13 @@ class Comparison:
 
 
 def method_info(name: str) -> MethodInfo:
-    """Stage and default layer of a registered method (its defaults, from ``tokreduce.get_reducer``); None for
-    methods without a ``layer`` knob (before the LLM, or several prune stages with a ``layers`` knob)."""
+    """Stage and default layer of a registered method (its defaults, from ``tokreduce.get_reducer``): the layer of its
+    one in-LLM prune (also after a pre-LLM stage) when one of its knobs names it; None for methods without such a knob
+    (before the LLM only, a merge running layer by layer, or several prune stages with a ``layers`` knob)."""
     reducer = tokreduce.get_reducer(name)
-    has_layer = "layer" in {f.name for f in fields(reducer)}
-    return MethodInfo(name, reducer.stage, (reduction_layer(reducer) or None) if has_layer else None)
+    plan = reducer.in_llm() if reducer.stage in ("llm", "pre_llm") else None
+    has_knob = getattr(plan, "knob", None) in {f.name for f in fields(reducer)}
+    return MethodInfo(name, reducer.stage, (int(plan.layer) or None) if has_knob else None)
 
 
 def toy_examples(images: int = 3, videos: int = 3) -> list[Example]:
@@ -184,7 +186,8 @@ class DemoSession:
         if info.layer is not None and layer is not None:
             if not 1 <= int(layer) < self.llm_layers:
                 raise ValueError(f"layer must be in [1, {self.llm_layers - 1}] for this model, got {layer}")
-            knobs["layer"] = int(layer)
+            plan = tokreduce.get_reducer(method).in_llm()  # its name for the layer (PruneVid: selected_layer = K - 1)
+            knobs[plan.knob] = int(layer) - plan.knob_offset
         return tokreduce.get_reducer(method, **knobs)
 
     def _prefill_seconds(self, inputs: dict) -> float:

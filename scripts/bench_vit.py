@@ -1,4 +1,4 @@
-"""Images/s of timm ViT-B/16 and open_clip ViT-B-32 with and without ToMe, on CPU in bf16.
+"""Images/s of timm ViT-B/16 and open_clip ViT-B-32 with and without ToMe (or FlowCut), on CPU in bf16.
 
 Two precisions: ``autocast`` (fp32 weights under ``torch.autocast("cpu", torch.bfloat16)``) and ``bf16``
 (weights and images cast to bfloat16). Under CPU autocast, ``nn.MultiheadAttention`` (open_clip's default
@@ -14,6 +14,14 @@ speed-up the table shows the ideal one from the analytic FLOPs of the token coun
     python scripts/bench_vit.py                # batch 16, 3 timed rounds: a few minutes on 2 cores
     python scripts/bench_vit.py --quick        # batch 4, 2 rounds, r=16 only
     python scripts/bench_vit.py --threads 1    # steadier numbers when other processes share the cores
+    python scripts/bench_vit.py --models clip_l336 --flowcut 192 128 64 --r --precision bf16
+                                               # FlowCut at LLaVA-1.5's tower geometry (576 patches + CLS)
+
+FlowCut rows give the kept patches as ``keep`` and, besides the speed-up, the share of the time spent in its
+selection (scores and pruning, ``state.stats.seconds``). FlowCut's schedule depends on the weights: random
+weights give a flat CLS attention (entropy ratio near 1), so it prunes almost nothing before the last step;
+``--peak F`` multiplies the q and k projections of a timm model by F (logits by F^2) to emulate the
+concentrated CLS attention of a trained tower (F=4 prunes 577 -> 516 -> ... -> 167 -> 129 tokens at keep 128).
 """
 
 from __future__ import annotations
@@ -43,23 +51,29 @@ def build(name: str):
 
         model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
         return "open_clip ViT-B-32", model, model.encode_image, 224
-    raise ValueError(f"model must be 'timm' or 'open_clip', got {name!r}")
+    if name == "clip_l336":  # CLIP ViT-L/14 at 336 px, the LLaVA-1.5 tower's geometry: 576 patches + CLS, 24 blocks
+        import timm
+
+        model = timm.create_model("vit_large_patch14_clip_336", pretrained=False).eval()
+        return "timm vit_large_patch14_clip_336", model, model, 336
+    raise ValueError(f"model must be 'timm', 'open_clip' or 'clip_l336', got {name!r}")
 
 
-def seconds_per_batch(model, forward, images, reducer) -> float:
-    """Wall-clock seconds of one forward of ``images`` with ``reducer`` attached (None: the plain model)."""
+def seconds_per_batch(model, forward, images, reducer) -> tuple[float, float]:
+    """Wall-clock seconds of one forward of ``images`` with ``reducer`` attached (None: the plain model), and
+    the seconds the reducer reports for its own selection."""
     if reducer is None:
         start = time.perf_counter()
         forward(images)
-        return time.perf_counter() - start
-    with reducer(model):
+        return time.perf_counter() - start, 0.0
+    with reducer(model) as state:
         start = time.perf_counter()
         forward(images)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, state.stats.seconds
 
 
-def token_counts(model, forward, images, r: int) -> list[int]:
-    with tokreduce.ToMe(r=r)(model) as state:
+def token_counts(model, forward, images, reducer) -> list[int]:
+    with reducer(model) as state:
         forward(images[:1])
     return state.extra["tokens_per_layer"]
 
@@ -69,39 +83,52 @@ def block_flops(n_in: int, n_out: int, width: int) -> float:
     return 4 * n_in * width**2 + 2 * n_in**2 * width + 8 * n_out * width**2
 
 
-def ideal_speedup(n: int, counts: list[int], width: int) -> float:
+def ideal_speedup(n: int, counts: list[int], width: int, after_block: bool = False) -> float:
+    """Analytic speed-up of the blocks; ``after_block``: tokens leave after the MLP (pruning), not before it."""
     base = len(counts) * block_flops(n, n, width)
-    merged = sum(block_flops(a, b, width) for a, b in zip([n] + counts[:-1], counts, strict=True))
+    ins = [n] + counts[:-1]
+    merged = sum(block_flops(a, a if after_block else b, width) for a, b in zip(ins, counts, strict=True))
     return base / merged
 
 
-def bench_model(name: str, precision: str, rs: list[int], batch: int, rounds: int) -> list[tuple]:
-    """Table rows for one model at one precision: the baseline, then one row per r."""
+def bench_model(
+    name: str, precision: str, rs: list[int], batch: int, rounds: int, keeps: list[int] = (), peak: float = 1.0
+) -> list[tuple]:
+    """Table rows for one model at one precision: the baseline, then one row per r, then one per FlowCut keep."""
     label, model, forward, size = build(name)
+    if peak != 1.0:
+        if not hasattr(model, "blocks"):
+            raise ValueError("--peak needs a timm model")
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.qkv.weight[: 2 * model.embed_dim].mul_(peak)
+        label += f" (q, k x{peak:g})"
     images = torch.randn(batch, 3, size, size)
     if precision == "bf16":
         model, images = model.to(torch.bfloat16), images.to(torch.bfloat16)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "autocast" else contextlib.nullcontext()
-    configs = [None] + [tokreduce.ToMe(r=r) for r in rs]
+    # precision "fp32": the model as built
+    configs = [(f"r={r}", tokreduce.ToMe(r=r)) for r in rs] + [(f"keep={k}", tokreduce.FlowCut(keep=k)) for k in keeps]
+    configs = [("-", None), *configs]
     with torch.inference_mode(), autocast:
-        for reducer in configs:  # warm-up: oneDNN picks kernels per shape on first use
+        for _, reducer in configs:  # warm-up: oneDNN picks kernels per shape on first use
             seconds_per_batch(model, forward, images, reducer)
         times = [[] for _ in configs]
         for _ in range(rounds):
-            for i, reducer in enumerate(configs):
+            for i, (_, reducer) in enumerate(configs):
                 times[i].append(seconds_per_batch(model, forward, images, reducer))
-        counts = {r: token_counts(model, forward, images, r) for r in [0, *rs]}
+        counts = [token_counts(model, forward, images, reducer or tokreduce.ToMe(r=0)) for _, reducer in configs]
     # Best round: on a shared machine other processes only ever add time.
-    base = min(times[0])
+    base = min(t for t, _ in times[0])
     n = counts[0][0]
-    width = model.embed_dim if name == "timm" else model.visual.transformer.width
-    rows = [(label, precision, 0, n, batch / base, 1.0, 1.0, "")]
-    for r, t in zip(rs, times[1:], strict=True):
-        seconds = min(t)
-        ideal = ideal_speedup(n, counts[r], width)
-        rows.append(
-            (label, precision, r, counts[r][-1], batch / seconds, base / seconds, ideal, PAPER.get((label, r), ""))
-        )
+    width = model.embed_dim if hasattr(model, "embed_dim") else model.visual.transformer.width
+    rows = [(label, precision, "-", n, batch / base, 1.0, 1.0, "", "")]
+    for (setting, _), t, count in zip(configs[1:], times[1:], counts[1:], strict=True):
+        seconds, selecting = min(t)
+        ideal = ideal_speedup(n, count, width, after_block=setting.startswith("keep="))
+        paper = PAPER.get((label, int(setting[2:])), "") if setting.startswith("r=") else ""
+        share = f"{selecting / seconds:.1%}" if setting.startswith("keep=") else ""
+        rows.append((label, precision, setting, count[-1], batch / seconds, base / seconds, ideal, share, paper))
     print(f"done {label} ({precision}): {n} tokens, batch {batch}, {rounds} rounds", flush=True)
     return rows
 
@@ -109,16 +136,20 @@ def bench_model(name: str, precision: str, rs: list[int], batch: int, rounds: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batch 4, 2 rounds, r=16 only")
-    parser.add_argument("--models", nargs="+", default=["timm", "open_clip"], choices=["timm", "open_clip"])
-    parser.add_argument("--r", nargs="+", type=int, default=None, help="ToMe r values (default 8 13 16)")
+    parser.add_argument(
+        "--models", nargs="+", default=["timm", "open_clip"], choices=["timm", "open_clip", "clip_l336"]
+    )
+    parser.add_argument("--r", nargs="*", type=int, default=None, help="ToMe r values (default 8 13 16; none: --r)")
+    parser.add_argument("--flowcut", nargs="*", type=int, default=[], help="FlowCut keep counts (default none)")
     parser.add_argument("--batch", type=int, default=None, help="images per batch (default 16, quick 4)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3, quick 2)")
-    parser.add_argument("--precision", nargs="+", default=["autocast", "bf16"], choices=["autocast", "bf16"])
+    parser.add_argument("--precision", nargs="+", default=["autocast", "bf16"], choices=["autocast", "bf16", "fp32"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--peak", type=float, default=1.0, help="scale the q / k projections (timm models)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rs = args.r or ([16] if args.quick else [8, 13, 16])
+    rs = args.r if args.r is not None else ([16] if args.quick else [8, 13, 16])
     batch = args.batch or (4 if args.quick else 16)
     rounds = args.rounds or (2 if args.quick else 3)
     torch.manual_seed(0)
@@ -126,14 +157,18 @@ def main() -> None:
     rows = []
     for name in args.models:
         for precision in args.precision:
-            rows += bench_model(name, precision, rs, batch, rounds)
+            rows += bench_model(name, precision, rs, batch, rounds, args.flowcut, args.peak)
 
     print(f"\nCPU, {torch.get_num_threads()} threads, batch {batch}, best of {rounds} rounds\n")
-    print("| model | precision | r | tokens after last block | images/s | speed-up | ideal (FLOPs) | ToMe paper |")
-    print("|---|---|---|---|---|---|---|---|")
-    for label, precision, r, tokens, ips, speedup, ideal, paper in rows:
+    print(
+        "| model | precision | setting | tokens after last block | images/s | speed-up | ideal (FLOPs) "
+        "| selection share | ToMe paper |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, precision, setting, tokens, ips, speedup, ideal, share, paper in rows:
         print(
-            f"| {label} | {precision} | {r or '-'} | {tokens} | {ips:.1f} | {speedup:.2f}x | {ideal:.2f}x | {paper} |"
+            f"| {label} | {precision} | {setting} | {tokens} | {ips:.1f} | {speedup:.2f}x | {ideal:.2f}x | {share} "
+            f"| {paper} |"
         )
 
 

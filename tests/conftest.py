@@ -401,3 +401,19 @@ def qwen_models():
         return cache[model_type]
 
     return get
+
+
+def first_slots_logits(model, ids, kept: int, projected, run: int = 16):
+    """Logits of a one-sample LLaVA prompt ``ids`` (1-D) whose images (runs of ``run`` placeholders) keep only
+    their first ``kept`` slots, holding ``projected`` (images, kept, C), at their original positions."""
+    from tokreduce.adapters.compat import encoder_output
+
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    for start in (ids == IMAGE_TOKEN).nonzero().squeeze(-1).view(-1, run)[:, 0]:
+        keep[start + kept : start + run] = False
+    return model(
+        input_ids=ids[keep][None],
+        attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+        position_ids=torch.arange(len(ids))[keep][None],
+        mm_encoder_outputs={"image": encoder_output(list(projected))},
+    ).logits

@@ -16,13 +16,15 @@ def full_context(x: torch.Tensor, grid, seed: int = 0) -> TokenContext:
         keys=torch.randn(b, n, 8, generator=g),
         text_hidden=torch.randn(b, 5, c, generator=g),
         text_keys=torch.randn(b, 5, 8, generator=g),
+        instruction=torch.randn(b, 6, c, generator=g),
+        logits=torch.randn(b, n, n // grid[0] if grid else n, generator=g),  # to the tokens of each one's frame
     )
 
 
 def row(ctx: TokenContext, i: int) -> TokenContext:
     """The context of sample i alone."""
     fields = {}
-    for name in ("attention", "metric", "size", "keys", "text_hidden", "text_keys"):
+    for name in ("attention", "metric", "size", "keys", "text_hidden", "text_keys", "instruction", "logits"):
         value = getattr(ctx, name)
         fields[name] = None if value is None else value[i : i + 1]
     return TokenContext(grid=ctx.grid, protected=ctx.protected, span=ctx.span, **fields)

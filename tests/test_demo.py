@@ -82,20 +82,41 @@ def test_image_overlay_shows_both_spans(session):
     assert c.overlay.size == (2 * TILE + 8, TILE + CAPTION)  # base view and crop, side by side
 
 
-@pytest.mark.parametrize("name", ["uniform", "vidcom2", "evs"])
-def test_video_overlay_is_a_frame_grid(session, name):
+@pytest.mark.parametrize(
+    "method, keep", [("uniform", 0.5), ("vidcom2", 0.5), ("evs", 0.5), ("fastvid", 0.5), ("holitom", 0.25)]
+)
+def test_video_overlay_is_a_frame_grid(session, method, keep):
     media, question = example(session, "video")
     assert len(media.frames) == session.limits.frames
-    c = session.compare(media, question, name, keep=0.5)
+    c = session.compare(media, question, method, keep=keep)
     assert [s.grid for s in c.selections] == [(8, 3, 3)]
     assert c.overlay.size == (4 * TILE + 3 * 4, 2 * TILE + 4 + CAPTION)  # 4 x 2 frames
-    assert c.tokens_out == 36
-    group, merged = token_roles(72, c.selections[0].index, c.selections[0].assign)
-    assert (group >= 0).sum() == 36 and not merged.any()  # pruned cells dimmed, kept ones drawn as they are
-    if name == "evs":  # the first frame stays whole
+    assert c.tokens_out == round(72 * keep)
+    s = c.selections[0]
+    group, merged = token_roles(s.num_tokens, s.index, s.assign)
+    assert merged.any() == (method in ("fastvid", "holitom"))  # merge methods show their groups on the mosaic
+    if method == "evs":  # the first frame stays whole
         assert (group[:9] >= 0).all()
-    full = session.compare(media, question, name, keep=1.0).overlay
-    assert np.asarray(c.overlay).astype(int).sum() < np.asarray(full).astype(int).sum()  # dimmed cells show
+    if not merged.any():  # pruned cells dimmed, kept ones drawn as they are
+        assert (group >= 0).sum() == c.tokens_out
+        full = session.compare(media, question, method, keep=1.0).overlay
+        assert np.asarray(c.overlay).astype(int).sum() < np.asarray(full).astype(int).sum()
+
+
+def test_video_overlay_shows_prunevid_merges(session):
+    """PruneVid's merged groups (static positions over frames, spatial clusters) reach the frame mosaic."""
+    from tokreduce.viz import token_roles
+
+    info = method_info("prunevid")  # merges before the LLM, prunes again from layer selected_layer + 1 = 11
+    assert info.stage == "pre_llm" and info.layer == 11
+    media, question = example(session, "video")
+    c = session.compare(media, question, "prunevid", keep=0.25, layer=2)  # selected_layer 1 on the 4-layer toy
+    (sel,) = c.selections
+    assert sel.grid == (8, 3, 3) and c.tokens_out == 18 and sel.assign is not None and sel.stage == "llm"
+    assert c.flops_reduced == prefill_flops(session.shape, [c.seq_full - 72 + 45] * 2 + [c.seq_reduced] * 2)
+    group, merged = token_roles(sel.num_tokens, sel.index, sel.assign)
+    assert merged.any()  # some cells are tinted as members of a merged group
+    assert c.overlay.size == (4 * TILE + 3 * 4, 2 * TILE + 4 + CAPTION)
 
 
 def test_llm_method_counts_full_layers_before_pruning(session):

@@ -177,19 +177,21 @@ def fixed_blocks(layers: int, c: int, seed: int) -> list[tuple[torch.Tensor, tor
     return [(torch.randn(c, c, generator=g), torch.randn(c, c, generator=g) / c**0.5) for _ in range(layers)]
 
 
-def tokreduce_fixed(x, blocks, schedule, protected):
-    """tokreduce's block driver (merge_block) over the fixed blocks -> per block (x, size, source)."""
-    mode = tokreduce.ToMe(r=schedule).in_encoder()
+def tokreduce_fixed(x, blocks, schedule, protected, mode=None):
+    """tokreduce's block driver (merge_block) over the fixed blocks -> per block (x, size, source).
+
+    ``mode``: the BlockMerge to drive (default ToMe with ``schedule``)."""
+    mode = tokreduce.ToMe(r=schedule).in_encoder() if mode is None else mode
     run = _Run(batch=x.shape[0], n_in=x.shape[1], device=x.device)
     state, out = ReductionState(), []
-    for (w, m), r in zip(blocks, schedule, strict=True):
+    for i, ((w, m), r) in enumerate(zip(blocks, schedule, strict=True)):
 
         def attention(x, bias, w=w):
             k = (x @ w).view(x.shape[0], x.shape[1], HEADS, -1).transpose(1, 2)
             return torch.zeros_like(x), k, k
 
         parts = BlockParts(attention=attention, mlp=lambda x, m=m: torch.tanh(x @ m), original=None, scale=1.0)
-        x = merge_block(x, parts, r, protected, run, state, mode)
+        x = merge_block(x, parts, r, protected, run, state, mode, (i, len(blocks)))
         out.append((x, run.size[..., 0], run.selection.groups()))
     return out
 

@@ -27,6 +27,7 @@ KNOBS = {
     "feather": {"keep": 0.25, "layers": (1, 3), "stride": 2},
     "vidcom2": {"keep": 0.25},
     "evs": {"keep": 0.25},
+    "cdpruner": {"keep": 0.25},
 }
 GREEDY = {"do_sample": False, "suppress_tokens": [IMAGE_TOKEN, VIDEO_TOKEN]}
 

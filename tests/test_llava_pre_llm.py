@@ -8,13 +8,22 @@ import tokreduce
 from tokreduce import TokenContext
 from tokreduce.adapters.compat import encoder_output
 
-PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs"]
+PRE_LLM = [
+    "random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom",
+    "prunevid", "mustdrop",
+]  # fmt: skip
 ALL = tokreduce.list_reducers()
+# the tiny models have 4 decoder layers: several prune stages there instead of their defaults at layers 8, 16, ...
+STAGE_LAYERS = {"pyramiddrop": {"layers": (1, 2)}, "feather": {"layers": (1, 2)}}
 
 
 def knobs(name: str, keep):
     if name == "pool" and keep != 1.0:
         return {"factor": 2}
+    if name == "prunevid":  # its pre-LLM stage alone (the LLM stage is tested in test_prunevid_models.py)
+        return {"keep": keep, "alpha": 1.0}
+    if name == "mustdrop":  # its default stage is inside the tower
+        return {"keep": keep, "stage": "pre_llm"}
     return {"keep": keep}
 
 
@@ -24,7 +33,7 @@ def test_keep_one_is_bit_identical(llava, name):
     with torch.no_grad():
         ref = llava(**inputs).logits
         ref_gen = llava.generate(**inputs, max_new_tokens=3, do_sample=False)
-        with tokreduce.get_reducer(name, keep=1.0)(llava) as state:
+        with tokreduce.get_reducer(name, keep=1.0, **STAGE_LAYERS.get(name, {}))(llava) as state:
             out = llava(**inputs).logits
             gen = llava.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert torch.equal(out, ref)
@@ -42,9 +51,10 @@ def test_matches_hand_built_reference(llava, name):
         ids = inputs["input_ids"][0]
         keep = torch.ones_like(ids, dtype=torch.bool)
         starts = (ids == IMAGE_TOKEN).nonzero().squeeze(-1).view(2, 16)[:, 0]
+        instruction = llava.get_input_embeddings()(ids[ids != IMAGE_TOKEN])[None]  # every text token of the prompt
         reduced = []
         for j, (f, start) in enumerate(zip(feats, starts, strict=True)):
-            selection = reducer.select(f[None], TokenContext(grid=(1, 4, 4), span=j))
+            selection = reducer.select(f[None], TokenContext(grid=(1, 4, 4), span=j, instruction=instruction))
             reduced.append(selection.merge(f[None])[0])
             drop = torch.ones(16, dtype=torch.bool)
             drop[selection.index[0]] = False
@@ -62,11 +72,11 @@ def test_matches_hand_built_reference(llava, name):
     assert [len(s.index) for s in state.selections[0]] == [len(r) for r in reduced]
 
 
-@pytest.mark.parametrize("name", ["divprune", "random", "tome"])
+@pytest.mark.parametrize("name", ["divprune", "random", "tome", "cdpruner", "pitome", "fastvid", "holitom", "prunevid", "mustdrop"])
 def test_ragged_batch_equals_single_runs(llava, name):
     counts = (1, 3, 2)
     inputs = llava_inputs(counts, seed=5)
-    with torch.no_grad(), tokreduce.get_reducer(name, keep=0.4)(llava) as state:
+    with torch.no_grad(), tokreduce.get_reducer(name, **knobs(name, 0.4))(llava) as state:
         batched = llava.generate(**inputs, max_new_tokens=5, do_sample=False)
         batch_sel = [[s.index.tolist() for s in row] for row in state.selections]
         for i in range(len(counts)):
@@ -127,8 +137,9 @@ def test_unsupported_model_type_is_refused():
             pass
 
 
+@pytest.mark.parametrize("method", ["uniform", "cdpruner", "pitome", "fastvid", "holitom", "prunevid"])
 @pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision", "llava_next_video"])
-def test_anyres_and_video_families(model_type):
+def test_anyres_and_video_families(model_type, method):
     """Newline tokens survive, each grid is reduced to its budget, pixels and generate() paths agree."""
     from conftest import anyres_inputs
 
@@ -136,9 +147,9 @@ def test_anyres_and_video_families(model_type):
     inputs = anyres_inputs(model, seed=1)
     with torch.no_grad():
         ref = model(**inputs).logits
-        with tokreduce.get_reducer("uniform", keep=1.0)(model):
+        with tokreduce.get_reducer(method, keep=1.0)(model):
             assert torch.equal(model(**inputs).logits, ref)
-        with tokreduce.get_reducer("uniform", keep=0.5)(model) as state:
+        with tokreduce.get_reducer(method, **knobs(method, 0.5))(model) as state:
             out = model(**inputs).logits
             sel_forward = [[(s.grid, s.index.tolist()) for s in row] for row in state.selections]
             model.generate(**inputs, max_new_tokens=2, do_sample=False)

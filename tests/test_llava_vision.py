@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, VIDEO_TOKEN, anyres_inputs, build, llava_inputs, single
+from conftest import IMAGE_TOKEN, VIDEO_TOKEN, anyres_inputs, build, first_slots_logits, llava_inputs, single
 
 import tokreduce
 from tokreduce.adapters.compat import encoder_output
@@ -34,6 +34,17 @@ def session_of(model):
         if hasattr(getattr(hook, "__self__", None), "records"):
             return hook.__self__
     raise AssertionError("no vision session attached")
+
+
+def reduced_logits(model, ids, keep, features):
+    """Logits of the prompt ``ids`` (N,) reduced to ``keep`` (N,) bool, kept tokens at their original positions,
+    with ``features`` (one (K, C) tensor per image) as the image tokens."""
+    return model(
+        input_ids=ids[keep][None],
+        attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+        position_ids=torch.arange(len(ids))[keep][None],
+        mm_encoder_outputs={"image": encoder_output(features)},
+    ).logits
 
 
 # -- identity ---------------------------------------------------------------------------------------------
@@ -106,17 +117,8 @@ def test_visionzip_llava_matches_hand_built_reference(models):
         metric = keys.view(2, 17, 4, -1).mean(2)[:, 1:]
         patches = tokreduce.functional.visionzip(hidden[:, 1:], cls_attention, metric, dominant - 1, contextual)
         projected = model.model.multi_modal_projector(torch.cat([hidden[:, :1], patches], 1))  # [CLS, dom, ctx]
-        ids = inputs["input_ids"][0]
-        keep = torch.ones_like(ids, dtype=torch.bool)
-        starts = (ids == IMAGE_TOKEN).nonzero().squeeze(-1).view(2, 16)[:, 0]
-        for start in starts:  # the reference's tokens fill the first slots of the run, in order
-            keep[start + dominant + contextual : start + 16] = False
-        ref = model(
-            input_ids=ids[keep][None],
-            attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
-            position_ids=torch.arange(len(ids))[keep][None],
-            mm_encoder_outputs={"image": encoder_output(list(projected))},
-        ).logits
+        # the reference's tokens fill the first slots of the run, in order
+        ref = first_slots_logits(model, inputs["input_ids"][0], dominant + contextual, projected)
         with tokreduce.VisionZip(dominant=dominant, contextual=contextual)(model) as state:
             got = model(**inputs).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -181,8 +183,50 @@ def test_tome_merging_identical_patches_is_the_identity():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+# -- MustDrop on llava ------------------------------------------------------------------------------------
+def test_mustdrop_merges_tiles_after_the_first_layer(models):
+    """Wrapped logits == a hand-run tower (layer 0, MustDrop's tile merge on its output, layer 1 = the feature
+    layer, plain attention), projected patches in index order, fed with the kept placeholders' positions."""
+    model = models("llava")
+    inputs = single(llava_inputs((2,), seed=4), 0, [2])
+    reducer = tokreduce.MustDrop(keep=0.5)  # 4 x 4 patches: the one full 3 x 3 tile merges, 8 patches left
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        hidden = tower.pre_layrnorm(tower.embeddings(inputs["pixel_values"]))
+        hidden = tower.encoder.layers[0](hidden, None)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        selection, _ = reducer.block_match(hidden, 8, 1)  # outputs in index order: CLS first
+        hidden = tower.encoder.layers[1](selection.merge(hidden), None)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        feats = model.model.multi_modal_projector(hidden[:, 1:])
+        ids = inputs["input_ids"][0]
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        starts = (ids == IMAGE_TOKEN).nonzero().squeeze(-1).view(2, 16)[:, 0]
+        for j, start in enumerate(starts):
+            drop = torch.ones(16, dtype=torch.bool)
+            drop[selection.index[j, 1:] - 1] = False
+            keep[start + torch.arange(16)[drop]] = False
+        ref = reduced_logits(model, ids, keep, list(feats))
+        with reducer(model) as state:
+            out = model(**inputs).logits
+    assert state.extra["schedule"] == [8, 0] and state.extra["tokens_per_layer"] == [9, 9]
+    assert [s.index.tolist() for s in state.selections[0]] == (selection.index[:, 1:] - 1).tolist()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 # -- batching, generate, hygiene --------------------------------------------------------------------------
-REDUCERS = {"visionzip": lambda: tokreduce.VisionZip(keep=0.4), "tome": lambda: tome(r=2)}
+REDUCERS = {
+    "visionzip": lambda: tokreduce.VisionZip(keep=0.4),
+    "tome": lambda: tome(r=2),
+    "pitome": lambda: tokreduce.PiToMe(ratio=0.8, stage="vision"),
+    "ficoco": lambda: tokreduce.FiCoCo(keep=0.4),
+    "flowcut": lambda: tokreduce.FlowCut(keep=0.4),
+    "mustdrop": lambda: tokreduce.MustDrop(keep=0.5),
+}
+
+
+def merges(s):
+    return None if s.assign is None else s.assign.tolist()
 
 
 @pytest.mark.parametrize("name", REDUCERS)
@@ -192,15 +236,25 @@ def test_ragged_batch_equals_single_runs(models, name):
     inputs = llava_inputs(counts, seed=5)
     with torch.no_grad(), REDUCERS[name]()(model) as state:
         batched = model.generate(**inputs, max_new_tokens=4, **GREEDY)
-        batch_sel = [[(s.index.tolist(), s.assign.tolist()) for s in row] for row in state.selections]
+        batch_sel = [[(s.index.tolist(), merges(s)) for s in row] for row in state.selections]
         for i in range(len(counts)):
             alone = model.generate(**single(inputs, i, counts), max_new_tokens=4, **GREEDY)
             assert batched[i, -4:].tolist() == alone[0, -4:].tolist()
-            assert [(s.index.tolist(), s.assign.tolist()) for s in state.selections[0]] == batch_sel[i]
+            assert [(s.index.tolist(), merges(s)) for s in state.selections[0]] == batch_sel[i]
 
 
 @pytest.mark.parametrize(
-    "model_type,name", [("llava", "visionzip"), ("llava", "tome"), ("llava_onevision", "visionzip")]
+    "model_type,name",
+    [
+        ("llava", "visionzip"),
+        ("llava", "tome"),
+        ("llava", "pitome"),
+        ("llava_onevision", "visionzip"),
+        ("llava_onevision", "ficoco"),
+        ("llava", "flowcut"),
+        ("llava_next", "flowcut"),
+        ("llava", "mustdrop"),
+    ],
 )
 def test_cached_decode_matches_recomputation(models, model_type, name):
     """Cached decode == a no-cache forward over prompt + generated tokens, under both position policies."""
@@ -255,7 +309,15 @@ def test_visionzip_on_anyres_and_video_families(models, model_type):
 
 
 @pytest.mark.parametrize(
-    "model_type,name", [("llava", "visionzip"), ("llava", "tome"), ("llava_onevision", "visionzip")]
+    "model_type,name",
+    [
+        ("llava", "visionzip"),
+        ("llava", "tome"),
+        ("llava", "pitome"),
+        ("llava_onevision", "visionzip"),
+        ("llava_next", "flowcut"),
+        ("llava", "mustdrop"),
+    ],
 )
 def test_hooks_removed_after_exit_and_unwrap(models, model_type, name):
     model = models(model_type)
@@ -283,12 +345,53 @@ def test_hooks_removed_after_exit_and_unwrap(models, model_type, name):
         assert torch.equal(model(**inputs).logits, ref)
 
 
+@pytest.mark.parametrize("model_type", ["llava_next", "llava_next_video"])
+@pytest.mark.parametrize("keep", [0.25, 0.5])
+def test_flowcut_prunes_every_crop_and_frame_in_the_tower(models, model_type, keep):
+    """Every crop / frame pruned in the tower to its share of its patches; forward and generate() agree."""
+    model = models(model_type)
+    inputs = anyres_inputs(model, seed=2)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with tokreduce.FlowCut(keep=keep)(model) as state:
+            out = model(**inputs).logits
+            forward = [[(s.grid, s.index.tolist()) for s in row] for row in state.selections]
+            gen = model.generate(**inputs, max_new_tokens=2, return_dict_in_generate=True, **GREEDY)
+            generated = [[(s.grid, s.index.tolist()) for s in row] for row in state.selections]
+    assert forward == generated
+    removed = sum(state.stats.tokens_in) - sum(state.stats.tokens_out)
+    assert gen.past_key_values.get_seq_length() == inputs["input_ids"].shape[1] - removed + 1  # the smaller cache
+    layouts = tokreduce.adapters.get_adapter(model).layouts(model.model, inputs)
+    for modality, rows in (("image", 3), ("video", 4)):  # 1 base view + 1 x 2 crops; 4 frames
+        if modality in layouts:
+            n = sum(p.num_tokens for p in layouts[modality][0].pieces)
+            mine = [s for s in state.selections[0] if s.modality == modality]
+            assert sum(len(s.index) for s in mine) == rows * (tokreduce.functional.budget(n, keep) // rows)
+    assert all(s.stage == "vision" and s.assign is None for s in state.selections[0])
+    assert out.shape[1] == ref.shape[1] - (sum(state.stats.tokens_in) - sum(state.stats.tokens_out))
+    first, feature = state.extra["tokens_per_layer"]  # 3 layers, features from layer 1: pruned after layer 0
+    assert first == feature < 17
+
+
+def test_flowcut_needs_a_cls_token(models):
+    model = models("llava_onevision")
+    with pytest.raises(ValueError, match="flowcut.*llava_onevision.*no CLS token"):
+        with tokreduce.FlowCut(keep=0.5)(model):
+            pass
+    assert not any("forward" in m.__dict__ for m in model.modules())  # nothing left behind
+
+
 # -- refusals ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision", "llava_next_video"])
-def test_tome_in_the_tower_is_refused_for_anyres_and_video(models, model_type):
+@pytest.mark.parametrize(
+    "merge",
+    [lambda: tome(r=2), lambda: tokreduce.PiToMe(ratio=0.8, stage="vision"), lambda: tokreduce.MustDrop(keep=0.5)],
+)
+def test_tome_in_the_tower_is_refused_for_anyres_and_video(models, model_type, merge):
     model = models(model_type)
-    with pytest.raises(ValueError, match=f"{model_type}.*stage='pre_llm'"):
-        with tome(r=2)(model):
+    reducer = merge()
+    with pytest.raises(ValueError, match=f"{reducer.name}.*{model_type}.*stage='pre_llm'"):
+        with reducer(model):
             pass
     assert not any("forward" in m.__dict__ for m in model.modules())  # nothing left behind
 

@@ -118,6 +118,7 @@ def test_pure_functions_refuse_a_meaningless_count(bad):
     x = torch.randn(2, 10, 4)
     calls = {
         "divprune": lambda k: F.divprune(x, k),
+        "cdpruner": lambda k: F.cdpruner(x, k, x[:, :3]),
         "dart": lambda k: F.dart(x, x, None, None, k),
         "uniform_indices": lambda k: F.uniform_indices((1, 2, 5), k),
         "vidcom2": lambda k: F.vidcom2(x.view(2, 2, 5, 4), k),

@@ -18,7 +18,10 @@ import tokreduce
 from tokreduce import TokenContext
 from tokreduce.adapters.compat import cache_kwargs, output_cache
 
-PRE_LLM = ["random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs"]
+PRE_LLM = [
+    "random", "uniform", "pool", "tome", "divprune", "dycoke", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom",
+    "prunevid", "mustdrop",
+]  # fmt: skip
 ALL = tokreduce.list_reducers()
 ITEMS = [("image", (1, 4, 8)), ("video", (4, 4, 4))]  # one image (8 tokens) and one 4-frame video (16 tokens)
 
@@ -26,8 +29,14 @@ ITEMS = [("image", (1, 4, 8)), ("video", (4, 4, 4))]  # one image (8 tokens) and
 def knobs(name: str, keep):
     if name == "pool" and keep != 1.0:
         return {"factor": 2}
+    if name == "prunevid":  # its pre-LLM stage alone (the LLM stage is tested in test_prunevid_models.py)
+        return {"keep": keep, "alpha": 1.0}
     if name in ("fastv", "dart"):
         return {"keep": keep, "layer": 2}
+    if name in ("pyramiddrop", "feather"):  # the tiny models have 4 decoder layers, not their default stage layers
+        return {"keep": keep, "layers": (1, 2)}
+    if name == "mustdrop":  # its default stage is inside the tower; the merged grids here are too small for 3 x 3
+        return {"keep": keep, "stage": "pre_llm", "window": 2}
     return {"keep": keep}
 
 
@@ -39,10 +48,13 @@ def reduced_reference(model, inputs, reducer, items, policy="original"):
     keep = torch.ones_like(ids, dtype=torch.bool)
     reduced = {m: {"main": [], "deep": []} for m in outputs}
     counters = {"image": 0, "video": 0}
+    text = ~torch.isin(ids, torch.tensor([QWEN_IMAGE, QWEN_VIDEO]))
+    instruction = model.get_input_embeddings()(ids[text])[None]  # every text token of the prompt
     for j, ((kind, (t, h, w)), slots) in enumerate(zip(items, item_slots(ids, items), strict=True)):
         output = outputs[kind]
         feat = output.pooler_output[counters[kind]]
-        sel = reducer.select(feat[None], TokenContext(grid=(t, h // 2, w // 2), span=j))
+        ctx = TokenContext(grid=(t, h // 2, w // 2), span=j, instruction=instruction)
+        sel = reducer.select(feat[None, :, : instruction.shape[-1]], ctx)
         reduced[kind]["main"].append(sel.merge(feat[None])[0])
         for level, deep in enumerate(getattr(output, "deepstack_features", None) or []):
             if len(reduced[kind]["deep"]) <= level:
@@ -143,12 +155,14 @@ def test_positions_types_and_rope_deltas_follow_the_kept_tokens(qwen_models, mod
 
 @pytest.mark.parametrize("model_type", QWEN_TYPES)
 @pytest.mark.parametrize("policy", ["original", "compact"])
-@pytest.mark.parametrize("name", ["uniform", "divprune", "vidcom2", "evs"])
+@pytest.mark.parametrize(
+    "name", ["uniform", "divprune", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom", "mustdrop"]
+)
 def test_generate_equals_manual_reference_with_explicit_positions(qwen_models, model_type, policy, name):
     """generate() == greedy decoding of the hand-reduced inputs with explicit position ids at every step."""
     model = qwen_models(model_type)
     inputs = qwen_inputs(model_type, [ITEMS], seed=5)
-    reducer = tokreduce.get_reducer(name, keep=0.5, positions=policy)
+    reducer = tokreduce.get_reducer(name, positions=policy, **knobs(name, 0.5))
     steps = 4
     with torch.no_grad():
         ref = reduced_reference(model, inputs, reducer, ITEMS, policy)
@@ -213,12 +227,14 @@ def test_rope_deltas_continue_after_the_block(qwen_models, model_type):
 
 
 @pytest.mark.parametrize("model_type", QWEN_TYPES)
-@pytest.mark.parametrize("name", ["divprune", "tome", "vidcom2", "evs"])
+@pytest.mark.parametrize(
+    "name", ["divprune", "tome", "vidcom2", "evs", "cdpruner", "pitome", "fastvid", "holitom", "mustdrop"]
+)
 def test_ragged_batch_equals_single_runs(qwen_models, model_type, name):
     model = qwen_models(model_type)
     samples = [[("image", (1, 4, 4))], ITEMS, [("video", (2, 4, 4)), ("image", (1, 4, 8))]]
     inputs = qwen_inputs(model_type, samples, seed=9)
-    with torch.no_grad(), tokreduce.get_reducer(name, keep=0.4)(model) as state:
+    with torch.no_grad(), tokreduce.get_reducer(name, **knobs(name, 0.4))(model) as state:
         batched = model.generate(**inputs, max_new_tokens=4, **QWEN_GREEDY)
         batch_sel = [[s.index.tolist() for s in row] for row in state.selections]
         for i in range(len(samples)):
@@ -258,9 +274,13 @@ def test_missing_mm_token_type_ids_is_refused(qwen_models):
             model(**inputs)
 
 
-def test_tome_inside_the_qwen_vit_is_refused(qwen_models):
-    with pytest.raises(ValueError, match="pre_llm"):
-        with tokreduce.ToMe(r=2, stage="vision")(qwen_models("qwen2_vl")):
+@pytest.mark.parametrize(
+    "reducer",
+    [tokreduce.ToMe(r=2, stage="vision"), tokreduce.PiToMe(ratio=0.8, stage="vision"), tokreduce.MustDrop(keep=0.5)],
+)
+def test_tome_inside_the_qwen_vit_is_refused(qwen_models, reducer):
+    with pytest.raises(ValueError, match=f"{reducer.name}.*qwen2_vl.*pre_llm"):
+        with reducer(qwen_models("qwen2_vl")):
             pass
 
 

@@ -129,3 +129,11 @@ def test_visionzip_contextual_tokens_are_target_plus_mean_of_joiners(qwen_models
     start = (inputs["input_ids"][0] == QWEN_IMAGE).nonzero()[0].item()
     torch.testing.assert_close(embeds[start : start + len(index)], torch.stack(want), atol=1e-5, rtol=1e-5)
     assert any(len([a for a in assign if a == s]) > 1 for s in range(len(index)))  # something was merged
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_flowcut_needs_a_cls_token(qwen_models, model_type):
+    model = qwen_models(model_type)
+    with pytest.raises(ValueError, match=f"flowcut.*{model_type}.*no CLS token"):
+        with tokreduce.FlowCut(keep=0.5)(model):
+            pass

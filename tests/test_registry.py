@@ -13,6 +13,7 @@ EXPECTED = {
     "pool",
     "tome",
     "visionzip",
+    "flowcut",
     "divprune",
     "fastv",
     "dart",
@@ -20,6 +21,10 @@ EXPECTED = {
     "framefusion",
     "vidcom2",
     "evs",
+    "fastvid",
+    "holitom",
+    "prunevid",
+    "ficoco",
 }
 
 

@@ -1,6 +1,7 @@
 """ToMe and VisionZip inside plain ViTs: timm VisionTransformer and open_clip vision towers (random weights)."""
 
 import copy
+import math
 import subprocess
 import sys
 
@@ -186,6 +187,49 @@ def test_tome_keep_and_stage_knobs(models):
         pass
 
 
+# -- MustDrop --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["timm", "open_clip"])
+def test_mustdrop_merges_whole_tiles_after_the_first_block(models, name):
+    model, images, forward, n, p, blocks = models[name]
+    side = math.isqrt(n - p)  # timm 96 px: 6 x 6 patches (4 tiles); open_clip ViT-B-32: 7 x 7 (4 tiles)
+    with torch.no_grad(), tokreduce.MustDrop(keep=0.5)(model) as state:
+        forward(images)
+    tiles = min((side // 3) ** 2, round((n - p - round(0.5 * (n - p))) / 8))  # the count nearest to keep
+    left = n - 8 * tiles
+    assert state.extra["tokens_per_layer"] == [left] * len(blocks)
+    span = state.selections[1][0]
+    assert len(span.index) == left - p and int(torch.bincount(span.assign).max()) == 9
+
+
+# -- PiToMe ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", MODELS)
+def test_pitome_counts_follow_the_ratio(models, name):
+    """floor(T - T * ratio) of the T patch tokens merge in every block; sizes and sources add up; batch == single."""
+    model, images, forward, n, p, blocks = models[name]
+    schedule, t = [], n - p
+    for _ in blocks:
+        schedule.append(math.floor(t - t * 0.8))
+        t -= schedule[-1]
+    with torch.no_grad():
+        reference = forward(images)
+        with tokreduce.PiToMe(ratio=0.8)(model) as state:
+            out = forward(images)
+            alone = forward(images[1:])
+    counts = expected_counts(n, schedule, p)
+    assert state.extra["tokens_per_layer"] == counts
+    assert out.shape == reference.shape and out.dtype == reference.dtype
+    torch.testing.assert_close(alone, out[1:], atol=1e-5, rtol=1e-5)
+    size = state.extra["size"]
+    assert torch.equal(size.sum(dim=(1, 2)), torch.full((1,), float(n)))
+    with torch.no_grad(), tokreduce.PiToMe(keep=10)(model) as state:
+        forward(images)
+    assert state.extra["tokens_per_layer"][-1] == p + 10
+    with pytest.raises(ValueError, match="not both"), tokreduce.PiToMe(ratio=0.9, keep=0.5)(model):
+        pass
+    with torch.no_grad(), tokreduce.PiToMe(ratio=1.0)(model):
+        assert torch.equal(forward(images), reference)
+
+
 def test_unsupported_reducer_and_model(models):
     model = models["timm"][0]
     with pytest.raises(ValueError, match="tome.*visionzip"), tokreduce.get_reducer("divprune", keep=0.5)(model):
@@ -317,25 +361,69 @@ def test_visionzip_scores_match_eager_attention(class_token):
         assert torch.equal(span.assign[span.index], torch.arange(8))
 
 
-@pytest.mark.parametrize("name", ["open_clip", "open_clip-bf16", "timm-bf16"])
-def test_visionzip_default_layer_and_unwrap(models, name):
+def reduce_and_unwrap(models, name, reducer_class):
+    """Run ``reducer_class(keep=0.25)`` on model ``name``: same output shape and dtype, exact identity at keep=1.0
+    and after exit, every hook gone. Returns (state, tokens in, prefix tokens, blocks, images)."""
     model, images, forward, n, p, blocks = models[name]
     before = hook_snapshot(model)
     with torch.no_grad():
         reference = forward(images)
-        with tokreduce.VisionZip(keep=0.25)(model) as state:
+        with reducer_class(keep=0.25)(model) as state:
             out = forward(images)
         assert out.shape == reference.shape and out.dtype == reference.dtype
-        k = round(0.25 * (n - p))
-        assert state.extra["tokens_per_layer"] == [n] * (len(blocks) - 2) + [k + p] * 2  # penultimate block
         assert torch.equal(forward(images), reference)
-        with tokreduce.VisionZip(keep=1.0)(model) as state:
+        with reducer_class(keep=1.0)(model) as identity:
             assert torch.equal(forward(images), reference)  # keep=1.0 is an exact identity
-        assert state.stats.tokens_out == state.stats.tokens_in
+        assert identity.stats.tokens_out == identity.stats.tokens_in
     assert hook_snapshot(model) == before
+    return state, n, p, blocks, images
+
+
+@pytest.mark.parametrize("name", ["open_clip", "open_clip-bf16", "timm-bf16"])
+def test_visionzip_default_layer_and_unwrap(models, name):
+    state, n, p, blocks, _ = reduce_and_unwrap(models, name, tokreduce.VisionZip)
+    k = round(0.25 * (n - p))
+    assert state.extra["tokens_per_layer"] == [n] * (len(blocks) - 2) + [k + p] * 2  # penultimate block
 
 
 def test_visionzip_bad_layer(models):
     model = models["timm"][0]
     with pytest.raises(ValueError, match=r"layer must be an int in \[-4, 3\]"), visionzip(layer=4, keep=0.5)(model):
         pass
+
+
+# -- FlowCut (pruning step by step, CLS relayed) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_flowcut_counts_identity_and_unwrap(models, name):
+    state, n, p, blocks, images = reduce_and_unwrap(models, name, tokreduce.FlowCut)
+    k = round(0.25 * (n - p))
+    counts = state.extra["tokens_per_layer"]
+    assert len(counts) == len(blocks) and counts[-2:] == [k + p] * 2  # pruned to k after the penultimate block
+    assert counts == sorted(counts, reverse=True) and counts[0] <= n
+    assert [len(row[0].index) for row in state.selections] == [k] * images.shape[0]
+    assert all(row[0].index.tolist() == sorted(set(row[0].index.tolist())) for row in state.selections)
+
+
+def test_flowcut_batch_equals_single():
+    """Each image is pruned on its own (its own prune counts), whatever else is in the batch."""
+    model = _timm(depth=6)
+    with torch.no_grad():  # peaked attention, so that the images prune different numbers of tokens per block
+        for block in model.blocks:
+            block.attn.qkv.weight[: 2 * model.embed_dim].mul_(6.0)
+    images = torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), tokreduce.FlowCut(keep=8)(model) as state:
+        batched = model(images)
+        chosen = [row[0].index.tolist() for row in state.selections]
+        for i in range(3):
+            torch.testing.assert_close(model(images[i : i + 1])[0], batched[i], atol=1e-5, rtol=1e-4)
+            assert state.selections[0][0].index.tolist() == chosen[i]
+
+
+@pytest.mark.parametrize("kwargs", [{"class_token": False, "global_pool": "avg"}, {"reg_tokens": 2}])
+def test_flowcut_needs_one_cls_token(kwargs):
+    model = _timm(**kwargs)
+    with pytest.raises(ValueError, match="flowcut.*CLS token"), tokreduce.FlowCut(keep=0.5)(model):
+        pass
+    assert not any("forward" in m.__dict__ for m in model.modules())

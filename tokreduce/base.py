@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .context import ReductionState, TokenContext
 from .selection import Selection, budget, keeps_all
-from .stages import BlockMerge, DecodePolicy, LayerMerge, LayerPrune, LayerScore
+from .stages import BlockMerge, DecodePolicy, LayerMerge, LayerPrune, LayerScore, LayerwisePrune, PreLLMInputs
 
 POSITION_POLICIES = ("original", "compact")
 
@@ -86,8 +86,12 @@ class Reducer:
         prune stages at increasing layers), or the steps of a merge that runs layer by layer."""
         return None
 
-    def in_encoder(self) -> BlockMerge | LayerScore | None:
+    def in_encoder(self) -> BlockMerge | LayerScore | LayerwisePrune | None:
         """Stage "vision" (and any stage of a plain ViT): how the method works inside the encoder."""
+        return None
+
+    def in_pre_llm(self) -> PreLLMInputs | None:
+        """Stage "pre_llm": what the selection needs besides the span's tokens (the instruction's embeddings), or None."""
         return None
 
     def in_decode(self) -> DecodePolicy | None:
@@ -121,11 +125,14 @@ class Reducer:
         selection = self.select(tokens, ctx)
         if selection.is_identity:
             return tokens, selection
-        return self.apply(tokens, selection, ctx.size if ctx is not None else None), selection
+        return self.apply(tokens, selection, ctx.size if ctx is not None else None, ctx), selection
 
-    def apply(self, tokens: Tensor, selection: Selection, size: Tensor | None = None) -> Tensor:
+    def apply(
+        self, tokens: Tensor, selection: Selection, size: Tensor | None = None, ctx: TokenContext | None = None
+    ) -> Tensor:
         """The values a selection leaves: (B, N, C) -> (B, K, C). Default: kept tokens, merge groups averaged
-        (size-weighted); a method whose paper aggregates differently overrides this."""
+        (size-weighted); a method whose paper aggregates differently overrides this (``ctx``: what ``select`` was
+        told, for an aggregation that needs it)."""
         return selection.merge(tokens, size)
 
     # -- model level --------------------------------------------------------------------------------------

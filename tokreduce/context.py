@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from .selection import Selection
+
 
 @dataclass
 class TokenContext:
@@ -24,7 +26,14 @@ class TokenContext:
         keys: (B, N, D) key states of the visual tokens at an LLM layer (DART pivots).
         text_hidden: (B, M, C) hidden states of the text tokens at that layer (DART text pivots).
         text_keys: (B, M, D) key states of the text tokens at that layer.
+        instruction: (B, M, C) the language model's input embeddings of the prompt's text tokens (served before the
+            language model to reducers that declare it, :class:`tokreduce.stages.PreLLMInputs`).
+        logits: (B, P + N, G) an encoder layer's pre-softmax attention logits (mean over heads) to the G tokens of
+            each token's attention group (its crop or frame; G = N for one group), from P leading tokens that are
+            not reduced (a CLS token, only with one group) and then from each of the N tokens.
         span: index of this span within its sample; decorrelates seeded methods across spans.
+        earlier: for a choice inside the language model after a pre-LLM one (of the same reducer), the span's pre-LLM
+            Selection in its original numbering: the tokens being reduced are its outputs.
     """
 
     grid: tuple[int, int, int] | None = None
@@ -35,7 +44,10 @@ class TokenContext:
     keys: Tensor | None = None
     text_hidden: Tensor | None = None
     text_keys: Tensor | None = None
+    instruction: Tensor | None = None
+    logits: Tensor | None = None
     span: int = 0
+    earlier: Selection | None = None
 
     def require(self, name: str, method: str) -> Tensor:
         value = getattr(self, name)

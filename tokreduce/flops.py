@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .stages import LayerPrune
+
 
 @dataclass(frozen=True)
 class LMShape:
@@ -166,7 +168,8 @@ def ideal_reduction(
             (layers < ``layer`` process, and cache, all ``visual + text`` tokens).
         dtype: dtype of the KV cache.
         lengths: the sequence length of every decoder layer of the reduced prefill where it is not ``layer``'s one
-            step (several prune stages), instead of the lengths from ``kept`` and ``layer``.
+            step (several prune stages, a prune after a pre-LLM one: :func:`recorded_lengths`), instead of the
+            lengths from ``kept`` and ``layer``.
     """
     shape = config if isinstance(config, LMShape) else LMShape.from_config(config)
     if not 0 <= kept <= visual or text < 0:
@@ -199,12 +202,14 @@ def reduction_layer(reducer) -> int:
 
 
 def recorded_lengths(reducer, state) -> list[list[int]] | None:
-    """Per sample, the sequence length every decoder layer ran on, as recorded by a reducer with several prune stages
-    (``state.extra["layer_lengths"]``); None for other reducers, whose savings :func:`reduction_layer` describes."""
-    plan = reducer.in_llm() if reducer is not None and reducer.stage == "llm" else None
-    if not isinstance(plan, tuple) or state is None:
+    """Per sample, the sequence length every decoder layer ran on (``state.extra["layer_lengths"]``), as recorded for a
+    reducer whose prefill no single prune layer describes: several prune stages, or a prune inside the language model
+    after a pre-LLM one; None for other reducers, whose savings :func:`reduction_layer` describes."""
+    if reducer is None or state is None or reducer.stage not in ("llm", "pre_llm"):
         return None
-    return state.extra.get("layer_lengths")
+    plan = reducer.in_llm()
+    staged = isinstance(plan, tuple) or (reducer.stage == "pre_llm" and isinstance(plan, LayerPrune))
+    return state.extra.get("layer_lengths") if staged else None
 
 
 def ideal_for_method(

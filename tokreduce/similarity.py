@@ -136,6 +136,23 @@ def aligned_cosine(a: Tensor, b: Tensor) -> Tensor:
     return F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8)
 
 
+def attention_rows_max(query: Tensor, key: Tensor, scale: float, key_mask: Tensor, query_index: Tensor) -> Tensor:
+    """Post-softmax attention of chosen queries to all N keys, max over heads: (B, Q, N) float32.
+
+    Args:
+        query: (B, H, Q, D) query states (RoPE applied) of the tokens at ``query_index``.
+        key: (B, Hk, N, D) key states, Hk divides H.
+        scale: logit scale.
+        key_mask: (B, N) bool, False for padding keys.
+        query_index: (B, Q) long, each query's sequence index: it sees keys 0 .. that index (causal).
+    """
+    h, hk, n = query.shape[1], key.shape[1], key.shape[2]
+    key = key.repeat_interleave(h // hk, dim=1) if hk != h else key
+    logits = (query.float() @ key.float().transpose(-1, -2)) * scale  # (B, H, Q, N)
+    hidden = (torch.arange(n, device=query.device) > query_index[..., None]) | ~key_mask[:, None, :].bool()
+    return logits.masked_fill(hidden[:, None], -float("inf")).softmax(dim=-1).amax(dim=1)
+
+
 def attention_row(
     query: Tensor, key: Tensor, scale: float | None = None, key_mask: Tensor | None = None, *, backend: str = "auto"
 ) -> Tensor:

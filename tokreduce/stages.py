@@ -10,11 +10,15 @@ Adapters never ask which method they run; they read these declarations from the 
   step in the layers from layer 0 on, then prune once by attention;
 - :meth:`Reducer.in_encoder` -> :class:`BlockMerge` (merge a few tokens in every encoder block) or
   :class:`LayerScore` (score the tokens with one encoder layer's attention, then select, per crop / frame, in
-  the order the method emits them);
-- :meth:`Reducer.in_decode` -> :class:`DecodePolicy`: a decode-time KV-cache policy with its own select.
+  the order the method emits them) or :class:`LayerwisePrune` (prune step by step in the encoder layers, with a
+  score carried from layer to layer);
+- :meth:`Reducer.in_decode` -> :class:`DecodePolicy`: a decode-time KV-cache policy with its own select;
+- :meth:`Reducer.in_pre_llm` -> :class:`PreLLMInputs`: what a selection made before the language model needs
+  besides the span's tokens (the instruction's token embeddings).
 
 A method that acts at two stages (DyCoke: pre-LLM merge, then a decode-time cache policy) declares both in
-its one file.
+its one file. A "pre_llm" reducer whose ``in_llm`` gives a :class:`LayerPrune` (or a tuple of them) prunes again
+inside the language model: its ``select`` reduces before the LLM, the LayerPrune's ``select`` at layer K.
 """
 
 from __future__ import annotations
@@ -49,17 +53,25 @@ class LayerPrune:
             layer K-1 over the whole cache (needs ``queries == 1`` and no ``keys``). Layers >= K then keep their
             full KV cache and attend, through a mask made at each step, to the chosen visual entries and every
             other entry; nothing is removed physically.
-        knob: the method's name for ``layer`` in error messages.
+        question: score with the attention rows of every non-visual prompt token after the span (the question and
+            what follows it) at layer K-1, post-softmax (float32), max over heads and over those rows, as
+            ``TokenContext.attention``; ``queries`` is then not used.
         own_layer: the attention row (and keys) come from layer K's own projections on its input (layer K-1's
             output, before the prune) instead of from layer K-1.
         rope: apply the rotary embedding to the queries and keys of the attention row (False: the raw q_proj /
             k_proj states, so the score has no positional decay); the keys handed over follow.
         span_softmax: the softmax of the attention row runs over each span's keys only (per head, before the
             mean over heads and queries) instead of over every key the queries see.
-        select: ``(tokens (1, n, C), ctx) -> Selection of the n`` for this stage, where the n tokens are the span's
-            survivors of the stages before (``ctx`` is filled as above for the n tokens; ``ctx.grid`` stays the
-            span's own grid, so N = t * h * w); None: the reducer's ``select``. Needed where a reducer declares
-            several stages.
+        select: ``(tokens (1, n, C), ctx) -> Selection`` of the n tokens for this stage; None: the reducer's
+            ``select``. The n tokens are what the stages before left of the span: the outputs of a "pre_llm"
+            reducer's own ``select`` (which acted before the LLM) and / or the survivors of the earlier prune
+            stages; ``ctx`` is filled as above for them, ``ctx.earlier`` is the Selection those stages made
+            together (in the span's original numbering; the n tokens are its outputs; None at the first stage of
+            an "llm" reducer) and ``ctx.grid`` the span's original grid (N = t * h * w). Needed where a reducer
+            declares several stages; after a pre-LLM stage it needs ``positions="original"``.
+        knob: the method's name for ``layer`` in error messages (and the demo's layer slider).
+        knob_offset: the knob's value is ``layer - knob_offset`` (PruneVid's ``selected_layer`` names the layer whose
+            attention chooses, K - 1: offset 1).
     """
 
     layer: int
@@ -68,11 +80,13 @@ class LayerPrune:
     final_norm: bool = False
     text_after_span: bool = False
     reselect_every_step: bool = False
+    question: bool = False
+    select: Callable[[Tensor, TokenContext], Selection] | None = None
     knob: str = "layer"
+    knob_offset: int = 0
     own_layer: bool = False
     rope: bool = True
     span_softmax: bool = False
-    select: Callable[[Tensor, TokenContext], Selection] | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +156,19 @@ class DecodePolicy:
 
 
 @dataclass(frozen=True)
+class PreLLMInputs:
+    """What a reducer choosing before the language model (stage "pre_llm") needs besides the span's tokens.
+
+    Attributes:
+        instruction: hand over ``TokenContext.instruction`` (1, M, C): the language model's input embeddings of the
+            sample's prompt tokens that are neither visual placeholders nor padding (the instruction and the chat
+            template around it), in prompt order; (1, 0, C) for a prompt without such tokens.
+    """
+
+    instruction: bool = False
+
+
+@dataclass(frozen=True)
 class BlockMerge:
     """Merge tokens inside every encoder block, between attention and MLP, with proportional attention.
 
@@ -154,12 +181,25 @@ class BlockMerge:
             metric is the block's keys averaged over heads. The order matters from the second merge on: it
             decides which tokens the next block's matching sees where.
         check: ``(number of blocks) -> None``, raises ``ValueError`` for knobs that cannot fit (at wrap time).
+        match_for: ``(block, number of blocks) -> match`` for methods whose matching differs from block to block
+            (a per-block margin); None: ``match`` in every block.
+        proportional: proportional attention (log size of each key added to the attention logits) in the blocks
+            after the first merge; False: plain attention, merged tokens count once.
+        after_mlp: merge the block's output (after its MLP), with the output states as the metric, instead of
+            merging between attention and MLP with the keys.
     """
 
     protected: int
     schedule: Callable[[int, int, int], list[int]]
     match: Callable[[Tensor, int, int], tuple[Selection, Tensor]]
     check: Callable[[int], None]
+    match_for: Callable[[int, int], Callable[[Tensor, int, int], tuple[Selection, Tensor]]] | None = None
+    proportional: bool = True
+    after_mlp: bool = False
+
+    def matcher(self, block: int, num_blocks: int) -> Callable[[Tensor, int, int], tuple[Selection, Tensor]]:
+        """The match of encoder block ``block`` (of ``num_blocks``)."""
+        return self.match if self.match_for is None else self.match_for(block, num_blocks)
 
 
 @dataclass(frozen=True)
@@ -186,9 +226,36 @@ class LayerScore:
             with the patches, does not enter the budget). The returned reducer declares its own ``LayerScore``.
         summaries: ``(selection, ctx) -> (B, K) bool``, the kept tokens that summarise others (merged tokens) and
             go after the rest; None: every kept token stands for itself.
+        logits: also hand over that layer's pre-softmax attention logits, mean over heads, as
+            ``TokenContext.logits`` (the CLS token's row first where the encoder has one).
     """
 
     layer: int | None
     keep_cls: bool
     for_rows: Callable[[int, int], object]
     summaries: Callable[[Selection, TokenContext], Tensor] | None = None
+    logits: bool = False
+
+
+@dataclass(frozen=True)
+class LayerwisePrune:
+    """Prune patches step by step in the encoder layers up to the feature layer, a per-patch score carried along.
+
+    Needs an encoder with a CLS token (index 0), which always stays. For every crop / frame row, at each encoder
+    layer i = 0..F (F: the layer whose output the model uses) that still has more than the row's budget k of
+    patches, the adapter computes from the layer's input the CLS row of the post-softmax attention per head
+    ((R, H, n) float32 over [CLS, patches]) and the layer's values per head ((R, H, n, D)), runs the layer on
+    the row's tokens, and calls ``step``; the patches ``keep`` leaves go on to the next layer, together with the
+    carried score. Rows are reduced each on their own (the adapter batches rows of equal length). The feature
+    layer's output holds the CLS token and k patches per row; they reach the language model (or the ViT head)
+    in index order, like a pure pruning. Each row's budget comes from ``for_rows``, as in :class:`LayerScore`.
+
+    Attributes:
+        step: ``(layer i, F, attention (R, H, n), values (R, H, n, D), carried (R, n - 1) or None, k)
+            -> (carried (R, n - 1), keep (R, n - 1) bool or None)``; None keeps every patch after layer i.
+        for_rows: ``(n, rows) -> reducer`` for each of ``rows`` encoder rows that stand for ``n`` tokens; its
+            ``num_kept`` of a row's patches is the row's budget k.
+    """
+
+    step: Callable[[int, int, Tensor, Tensor, Tensor | None, int], tuple[Tensor, Tensor | None]]
+    for_rows: Callable[[int, int], object]

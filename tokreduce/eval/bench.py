@@ -7,8 +7,9 @@ SigLIP so400m tower), in bfloat16 on the CPU. The prompt is text around one vide
 are fed as precomputed projected features through the model's ``mm_encoder_outputs`` argument, the same
 path ``generate`` uses, so the adapters reduce them exactly as in real use while the vision encoder,
 which runs identically with and without reduction, is not timed (and is built with one block only, to
-save memory; it never runs). Vision-stage methods (VisionZip) need the encoder's attention and are
-therefore not benchmarked here (see ``scripts/bench_vit.py`` for ToMe inside a ViT).
+save memory; it never runs). Vision-stage methods (VisionZip; MustDrop unless ``--knob
+mustdrop.stage=pre_llm``) need the encoder and are therefore not benchmarked here (see
+``scripts/bench_vit.py`` for ToMe inside a ViT).
 
 Per model, visual-token count, method and keep:
 
@@ -49,8 +50,8 @@ Video features have temporal redundancy (each frame = a shared per-position base
     tokreduce bench --methods dycoke --knob dycoke.decode_policy=persistent
     tokreduce bench --methods pyramiddrop --knob "pyramiddrop.layers=[2,4,6]"
 
-Several prune stages (PyramidDrop, FEATHER): the ideal column uses the length every layer really ran on (recorded
-by the adapter), since a pyramid's savings depend on every stage.
+Several prune stages (PyramidDrop, FEATHER), or a prune inside the LLM after a pre-LLM one (PruneVid): the ideal
+column uses the length every layer really ran on (recorded by the adapter), since the savings depend on every stage.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ from .bench_plot import markdown, plot
 from .calibrate import calibrate
 
 DEFAULT_METHODS = (
-    "random", "uniform", "pool", "tome", "divprune", "dycoke", "fastv", "dart", "framefusion", "vidcom2", "evs",
+    "random", "uniform", "pool", "tome", "pitome", "divprune", "cdpruner", "dycoke", "fastv", "dart", "framefusion",
+    "vidcom2", "evs", "fastvid", "holitom",
 )  # fmt: skip
 QUICK_METHODS = ("random", "divprune", "dycoke", "fastv")
 # 8 of 28 (Qwen2-VL-2B) / 24 (Qwen2-0.5B) layers keeps the default sweep in about 20 minutes on 1-2 CPU cores
@@ -219,7 +221,8 @@ def bench_cell(
     kept = sum(state.stats.tokens_out)
     if sum(state.stats.tokens_in) != prompt.visual:
         raise RuntimeError(f"{method}: reduced {sum(state.stats.tokens_in)} visual tokens, expected {prompt.visual}")
-    # several prune stages: the lengths each layer really ran on (the counts of a stage may depend on the scores)
+    # several prune stages, or a prune after a pre-LLM one: the lengths each layer really ran on (the counts of a
+    # stage may depend on the scores)
     lengths = recorded_lengths(reducer, state)
     lengths = lengths[0] if lengths else None
     ideal = ideal_reduction(shape, prompt.visual, kept, prompt.text, reduction_layer(reducer), model.dtype, lengths)
@@ -400,7 +403,7 @@ def run(args) -> int:
             prompt = make_prompt(model, tokens)
             base = Baseline(model, prompt, args.decode_tokens)
             for method in args.methods:
-                if get_reducer(method).stage == "vision":
+                if get_reducer(method, **(args.knobs.get(method) or {})).stage == "vision":
                     print(
                         f"# skip {method}: vision-stage methods need the vision encoder, which this bench does not run",
                         file=sys.stderr,

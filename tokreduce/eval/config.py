@@ -20,7 +20,7 @@ PRESETS: dict[str, list[str]] = {
     "default": ["random", "uniform", "divprune", "tome", "fastv", "dycoke"],
     "baselines": ["random", "uniform", "pool"],
     # the video sweep: methods built for clips (temporal redundancy), beside the unreduced baseline
-    "video": ["dycoke", "framefusion", "vidcom2", "evs"],
+    "video": ["dycoke", "framefusion", "vidcom2", "evs", "fastvid", "holitom", "prunevid"],
     "all": [],  # filled lazily with every registered reducer
 }
 

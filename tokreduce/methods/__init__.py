@@ -4,14 +4,22 @@ Adding a method: its file (the pure function, its Reducer dataclass registered u
 paper-name alias) and one line here; ``tokreduce`` exports whatever this package exports.
 """
 
+from .cdpruner import CDPruner, CDPrunerReducer
 from .dart import DART, DARTReducer
 from .divprune import DivPrune, DivPruneReducer
 from .dycoke import DyCoke, DyCokeReducer
 from .evs import EVS, EVSReducer
 from .fastv import FastV, FastVReducer
+from .fastvid import FastVID, FastVIDReducer
 from .feather import Feather, FeatherReducer
+from .ficoco import FiCoCo, FiCoCoReducer
+from .flowcut import FlowCut, FlowCutReducer
 from .framefusion import FrameFusion, FrameFusionReducer
+from .holitom import HoliTom, HoliTomReducer
+from .mustdrop import MustDrop, MustDropReducer
+from .pitome import PiToMe, PiToMeReducer
 from .pool import Pool, PoolReducer
+from .prunevid import PruneVid, PruneVidReducer
 from .pyramiddrop import PyramidDrop, PyramidDropReducer
 from .random import Random, RandomReducer
 from .tome import ToMe, ToMeReducer

@@ -124,9 +124,61 @@ def parse_r(r, num_layers: int) -> list[int]:
     return [int(r)] * num_layers
 
 
+def spread_merges(total: int, num_blocks: int) -> list[int]:
+    """``total`` merges spread as evenly as possible over ``num_blocks`` blocks, the larger shares first."""
+    schedule = []
+    for i in range(num_blocks):
+        schedule.append(math.ceil(total / (num_blocks - i)))
+        total -= schedule[-1]
+    return schedule
+
+
+def clamp_merges(schedule: list[int], n: int, protected: int) -> list[int]:
+    """Each block's merges clamped to what one bipartite step can take from the tokens left (half of them)."""
+    clamped, current = [], n
+    for r in schedule:
+        clamped.append(max(0, min(r, (current - protected) // 2)))
+        current -= clamped[-1]
+    return clamped
+
+
+@dataclass
+class MergeReducer(Reducer):
+    """Base of the token-merging reducers that act inside an encoder or before the LLM (ToMe, PiToMe).
+
+    Subclasses write :meth:`merge_step`; before the LLM it is repeated until ``keep`` is met
+    (:func:`merge_until`), since one bipartite step merges at most half of the tokens.
+
+    Args:
+        stage: "pre_llm" (default) or "vision".
+        protected: leading tokens never merged (default 0; the adapters protect CLS tokens themselves).
+    """
+
+    stage: str = "pre_llm"
+    protected: int = 0
+    stages: ClassVar[tuple[str, ...]] = ("vision", "pre_llm")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.stage not in self.stages:
+            raise ValueError(f"stage must be one of {self.stages} for {self.name}, got {self.stage!r}")
+        check_range("protected", self.protected, 0, 1 << 20, integer=True)
+
+    def merge_step(self, metric: Tensor, r: int, protected: int) -> Selection:
+        """One merge of r of the (B, n, D) current tokens before the LLM -> Selection (output in index order)."""
+        raise NotImplementedError
+
+    def num_kept(self, n: int, grid=None) -> int:
+        protected = min(self.protected, n)  # repeated merging leaves the protected tokens and one more
+        return max(super().num_kept(n, grid), protected + (1 if n > protected else 0))
+
+    def _select(self, tokens: Tensor, k: int, ctx: TokenContext) -> Selection:
+        return merge_until(tokens, k, ctx, max(self.protected, ctx.protected), self.merge_step)
+
+
 @register_reducer("tome")
 @dataclass
-class ToMeReducer(Reducer):
+class ToMeReducer(MergeReducer):
     """ToMe: merge the most similar tokens by bipartite soft matching, with size-weighted means.
 
     Inside a ViT (``stage="vision"``) ``r`` tokens are merged in every block between attention and MLP,
@@ -145,15 +197,9 @@ class ToMeReducer(Reducer):
     """
 
     r: int | list | tuple = 0
-    stage: str = "pre_llm"
-    protected: int = 0
-    stages: ClassVar[tuple[str, ...]] = ("vision", "pre_llm")
 
     def __post_init__(self):
         super().__post_init__()
-        if self.stage not in self.stages:
-            raise ValueError(f"stage must be one of {self.stages} for tome, got {self.stage!r}")
-        check_range("protected", self.protected, 0, 1 << 20, integer=True)
         values = self.r if isinstance(self.r, (list, tuple)) else [self.r]
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < -1 for v in values):
             raise ValueError(f"r must be an int >= 0, a list of them, or (r, inflection), got {self.r!r}")
@@ -188,33 +234,27 @@ class ToMeReducer(Reducer):
         """
         schedule = parse_r(self.r, num_blocks)
         if budget(n - protected, self.keep) < n - protected:
-            remaining = n - protected - budget(n - protected, self.keep)
-            schedule = []
-            for i in range(num_blocks):
-                schedule.append(math.ceil(remaining / (num_blocks - i)))
-                remaining -= schedule[-1]
-        clamped, current = [], n
-        for r in schedule:
-            clamped.append(max(0, min(r, (current - protected) // 2)))
-            current -= clamped[-1]
-        return clamped
+            schedule = spread_merges(n - protected - budget(n - protected, self.keep), num_blocks)
+        return clamp_merges(schedule, n, protected)
 
-    def num_kept(self, n: int, grid=None) -> int:
-        protected = min(self.protected, n)
-        return max(super().num_kept(n, grid), protected + (1 if n > protected else 0))
+    def merge_step(self, metric: Tensor, r: int, protected: int) -> Selection:
+        return bipartite_soft_matching(metric, r, protected)
 
-    def _select(self, tokens: Tensor, k: int, ctx: TokenContext) -> Selection:
-        protected = max(self.protected, ctx.protected)
-        metric = ctx.metric if ctx.metric is not None else tokens
-        size = ctx.size
-        selection = Selection.identity(tokens.shape[0], tokens.shape[1], tokens.device)
-        while selection.num_kept > k:
-            current = selection.merge(metric, size)
-            step = bipartite_soft_matching(current, selection.num_kept - k, protected)
-            if step.is_identity:
-                break
-            selection = selection.compose(step)
-        return selection
+
+def merge_until(tokens: Tensor, k: int, ctx: TokenContext, protected: int, step) -> Selection:
+    """Repeat a merge step until k tokens are left (one step merges at most half of them).
+
+    ``step``: ``(metric (B, n, D), r, protected) -> Selection`` merging r of the n current tokens; it sees the
+    current (size-weighted merged) metric, ``ctx.metric`` or the tokens themselves.
+    """
+    metric = ctx.metric if ctx.metric is not None else tokens
+    selection = Selection.identity(tokens.shape[0], tokens.shape[1], tokens.device)
+    while selection.num_kept > k:
+        merged = step(selection.merge(metric, ctx.size), selection.num_kept - k, protected)
+        if merged.is_identity:
+            break
+        selection = selection.compose(merged)
+    return selection
 
 
 ToMe = ToMeReducer  # the paper's name: tokreduce.ToMe(keep=...)

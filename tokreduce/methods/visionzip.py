@@ -209,7 +209,7 @@ class VisionZipReducer(Reducer):
         dominant, contextual = self.split(tokens.shape[1])
         return visionzip_select(attention, metric, dominant, contextual, ctx.protected)
 
-    def apply(self, tokens: Tensor, selection: Selection, size: Tensor | None = None) -> Tensor:
+    def apply(self, tokens: Tensor, selection: Selection, size: Tensor | None = None, ctx=None) -> Tensor:
         """Dominant tokens as they are; each contextual token = its target + the mean of its joiners."""
         return _contextual_values(tokens, selection)
 
