@@ -46,23 +46,22 @@ def attach(adapter, model, reducer, state, handles: list) -> None:
         session = adapter.attach_encoder(model, reducer, mode, state, session, hooks)
     session.watch(hooks)
     lm = adapter.language_model(model)
-    if reducer.stage == "llm":
-        plan = reducer.in_llm()
-        if plan is None:
-            raise ValueError(f"{reducer.name} declares stage 'llm' but no decoder layer to prune at (in_llm)")
-        if plan.queries is None:  # the reducer leaves the number of scoring queries to the model family
-            plan = replace(plan, queries=adapter.default_queries)
+    # stage "llm", or a pre-LLM reducer that prunes again inside the language model (Session.prunes_in_llm)
+    plan = reducer.in_llm() if reducer.stage == "llm" or session.prunes_in_llm else None
+    if reducer.stage == "llm" and plan is None:
+        raise ValueError(f"{reducer.name} declares stage 'llm' but no decoder layer to prune at (in_llm)")
+    if plan is not None and (reducer.stage == "llm" or not reducer.is_identity()):
+        stages = plan if isinstance(plan, tuple) else (plan,)
+        # a reducer may leave the number of scoring queries to the model family
+        stages = tuple(replace(p, queries=adapter.default_queries) if p.queries is None else p for p in stages)
         if isinstance(plan, LayerMerge):
             if not reducer.is_identity():
                 adapter.check_layer(model, 0, reducer)
-            LayerMerging(session, lm, plan).attach(hooks)
+            LayerMerging(session, lm, stages[0]).attach(hooks)
         else:
-            adapter.check_layer(model, plan.layer, reducer)
-            LayerPruning(session, lm, plan).attach(hooks)
-    elif session.prunes_in_llm and not reducer.is_identity():  # pre-LLM, then again inside the language model
-        plan = reducer.in_llm()
-        adapter.check_layer(model, plan.layer, reducer)
-        LayerPruning(session, lm, plan).attach(hooks)
+            for stage in stages:
+                adapter.check_layer(model, stage.layer, reducer)
+            LayerPruning(session, lm, stages).attach(hooks)
     policy = reducer.in_decode()
     if policy is not None:
         DecodePruning(session, lm, policy).attach(hooks)

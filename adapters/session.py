@@ -231,7 +231,10 @@ class Session:
         self.run: Run | None = None
         self.call: Call | None = None  # what the pre-hook made of the running forward, checked after it
         # a pre-LLM reducer that prunes again inside the language model keeps its spans after the reduction
-        self.prunes_in_llm = self.stage == "pre_llm" and isinstance(reducer.in_llm(), LayerPrune)
+        plan = reducer.in_llm() if self.stage == "pre_llm" else None
+        self.prunes_in_llm = isinstance(plan, LayerPrune) or (
+            isinstance(plan, tuple) and all(isinstance(p, LayerPrune) for p in plan)
+        )
 
     def watch(self, hooks: Hooks) -> None:
         """Hook the inner model's forward: :meth:`pre_hook` reduces, :meth:`post_hook` checks that it did."""

@@ -48,7 +48,6 @@ class Run:
         next_pos: (..., B) original position id of the next token.
         spans: visual pieces in the sequence the language model sees (after any pre-LLM reduction).
         seq: mask and shift of layer 0 on (None when the sequence was not shortened before the LLM).
-        deep: mask and shift of the layers that hold pruned caches (llm / decode stages), else None.
         base_mask: (B, N) the prompt's own 2-D mask (ones when none was given).
         positions: (..., B, N) the prompt's position ids in the original numbering (computed once per prefill).
         visual: (B, S) bool, visual tokens of the sequence the language model sees.
@@ -62,7 +61,13 @@ class Run:
             reducer that prunes again inside the language model; ``spans`` then hold the kept tokens' positions.
         span_tokens: per span, (1, N_span, C) the tokens handed to the reducer at the prefill, handed again at
             every decode step when the selection is made again at every step (else None).
-        cut: what layers >= K get after an in-LLM prune (None before layer K ran, or when it kept all).
+        cut: what the layers of the in-LLM prune stage now running get (None before layer K ran, or while the
+            stages so far kept all).
+        cuts: per prune stage that ran for this prompt, its cut (None while the stages so far kept all; a stage that
+            removed nothing repeats the cut before it).
+        kept: per span, the prune stages so far composed into one Selection of the span's tokens.
+        prompt_call: the keyword arguments of the first pruned layer on the whole prompt (positions, rotary
+            embeddings), which every later prune stage gathers from.
         cut_done: layer K ran for this prompt (whether or not it pruned anything).
         decoding: the prompt is past its prefill.
         step_positions: (..., B, q) original-numbering positions of the current decode step.
@@ -80,7 +85,6 @@ class Run:
     base_mask: Tensor
     positions: Tensor | None = None
     seq: Track | None = None
-    deep: Track | None = None
     visual: Tensor | None = None
     rope_positions: Tensor | None = None
     attention: Tensor | None = None
@@ -89,6 +93,9 @@ class Run:
     earlier: dict[tuple[int, int], Selection] = field(default_factory=dict)
     span_tokens: list[Tensor] | None = None
     cut: LayerCut | None = None
+    cuts: list[LayerCut | None] = field(default_factory=list)
+    kept: list[Selection] = field(default_factory=list)
+    prompt_call: dict | None = None
     cut_done: bool = False
     decoding: bool = False
     step_positions: Tensor | None = None
@@ -100,7 +107,8 @@ class Run:
     def tracks(self) -> list[Track]:
         """Every distinct Track of the prompt (the 2-D masks that grow by the new tokens at each decode step)."""
         seen = {}
-        for track in (self.seq, self.deep, *self.layer_tracks):
+        deep = [cut.track for cut in self.cuts if cut is not None]
+        for track in (self.seq, *deep, *self.layer_tracks):
             if track is not None:
                 seen.setdefault(id(track), track)
         return list(seen.values())
@@ -162,12 +170,13 @@ class LayerSteps:
 
 @dataclass
 class LayerCut:
-    """An in-LLM prune: the keyword arguments layers >= K run with, and the (B, L) gather that made them (None
-    when the tokens are masked rather than removed)."""
+    """An in-LLM prune: the keyword arguments layers >= K run with, the (B, L) gather from the whole prompt that
+    made them and the Track of what those layers hold (all None when the tokens are masked rather than removed)."""
 
     layer_kwargs: dict
     index: Tensor | None = None
     valid: Tensor | None = None
+    track: Track | None = None
 
 
 @dataclass

@@ -14,7 +14,7 @@ Only the public API is used: ``tokreduce.get_reducer`` / ``list_reducers``, ``wi
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from PIL import Image
 import tokreduce
 from tokreduce import toy
 from tokreduce.eval.measure import time_prefill
-from tokreduce.flops import LMShape, layer_lengths, prefill_flops, two_stage
+from tokreduce.flops import LMShape, layer_lengths, prefill_flops
 from tokreduce.prompts import chat_inputs
 from tokreduce.viz import overlay_spans
 
@@ -109,9 +109,13 @@ class Comparison:
 
 
 def method_info(name: str) -> MethodInfo:
-    """Stage and default layer of a registered method (its defaults, from ``tokreduce.get_reducer``)."""
+    """Stage and default layer of a registered method (its defaults, from ``tokreduce.get_reducer``): the layer of its
+    one in-LLM prune (also after a pre-LLM stage) when one of its knobs names it; None for methods without such a knob
+    (before the LLM only, a merge running layer by layer, or several prune stages with a ``layers`` knob)."""
     reducer = tokreduce.get_reducer(name)
-    return MethodInfo(name, reducer.stage, two_stage(reducer, 0)[0] or None)
+    plan = reducer.in_llm() if reducer.stage in ("llm", "pre_llm") else None
+    has_knob = getattr(plan, "knob", None) in {f.name for f in fields(reducer)}
+    return MethodInfo(name, reducer.stage, (int(plan.layer) or None) if has_knob else None)
 
 
 def toy_examples(images: int = 3, videos: int = 3) -> list[Example]:

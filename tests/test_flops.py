@@ -112,12 +112,17 @@ def test_ideal_from_a_real_config_shape():
 
 
 def test_two_stage_reducers_shorten_the_early_layers_too():
-    """A pre-LLM stage, then a prune at a decoder layer (PruneVid): layers before it see the pre-LLM length."""
-    from tokreduce.flops import two_stage
+    """A pre-LLM stage, then a prune at a decoder layer (PruneVid): layers before it see the pre-LLM length, which
+    the adapter records per layer (``state.extra["layer_lengths"]``) and the ideal takes from there."""
+    from types import SimpleNamespace
+
+    from tokreduce.flops import recorded_lengths
 
     prunevid = tokreduce.get_reducer("prunevid", keep=0.2, selected_layer=0)  # 0.5 before the LLM, 0.2 from layer 1
-    assert two_stage(prunevid, 10) == (1, 5)
-    assert two_stage(tokreduce.get_reducer("fastv", keep=0.5, layer=1), 10) == (1, None)
-    assert two_stage(tokreduce.get_reducer("divprune", keep=0.5), 10) == (0, None)
-    ideal = ideal_reduction(TINY, visual=10, kept=2, text=2, layer=1, early_kept=5)
+    assert (prunevid.in_llm().layer, prunevid.num_kept(10)) == (1, 5)
+    state = SimpleNamespace(extra={"layer_lengths": [[7, 4]]})  # 5 + 2 text tokens in layer 0, 2 + 2 in layer 1
+    assert recorded_lengths(prunevid, state) == [[7, 4]]
+    assert recorded_lengths(tokreduce.get_reducer("fastv", keep=0.5, layer=1), state) is None
+    assert recorded_lengths(tokreduce.get_reducer("divprune", keep=0.5), state) is None
+    ideal = ideal_reduction(TINY, visual=10, kept=2, text=2, layer=1, lengths=recorded_lengths(prunevid, state)[0])
     assert ideal.lengths == (7, 4)

@@ -3,8 +3,9 @@
 The reference never touches tokreduce's decode path: it takes the unwrapped model's own input embeddings,
 keeps the tokens the reducer chose at their ORIGINAL position ids (each new token at the next original
 position), and reruns the language model from scratch at every step. A pre-LLM method (divprune) drops
-the tokens before layer 0; fastv drops them from layer K on. (Qwen-VL's M-RoPE counterparts are in
-test_qwen_pre_llm.py and test_qwen_llm.py.)
+the tokens before layer 0; fastv drops them from layer K on; pyramiddrop and feather drop more at each
+of their stage layers (each stage's survivors from ``state.extra["stage_kept"]``). (Qwen-VL's M-RoPE
+counterparts are in test_qwen_pre_llm.py and test_qwen_llm.py.)
 """
 
 import pytest
@@ -18,6 +19,16 @@ from tokreduce.adapters.layout import plan_spans
 FAMILIES = ["llava", "llava_next", "llava_onevision", "llava_next_video"]
 K = 2
 STEPS = 4
+# the tiny models have 4 decoder layers: every stage of a pyramid fits
+KNOBS = {
+    "divprune": {"keep": 0.25},
+    "fastv": {"keep": 0.25, "layer": K},
+    "pyramiddrop": {"keep": 0.25, "layers": (1, 2, 3)},
+    "feather": {"keep": 0.25, "layers": (1, 3), "stride": 2},
+    "vidcom2": {"keep": 0.25},
+    "evs": {"keep": 0.25},
+    "cdpruner": {"keep": 0.25},
+}
 GREEDY = {"do_sample": False, "suppress_tokens": [IMAGE_TOKEN, VIDEO_TOKEN]}
 
 
@@ -55,33 +66,49 @@ def full_embeddings(model, inputs):
     return seen["embeds"]
 
 
-def kept_positions(model, inputs, state) -> torch.Tensor:
-    """(N,) bool: tokens left by the recorded selections (each span's index mapped through its placeholder run)."""
+def kept_positions(model, inputs, state, kept=None) -> torch.Tensor:
+    """(N,) bool: tokens left by the recorded selections (each span's index mapped through its placeholder run);
+    ``kept``: per span, the kept span indices to use instead (one stage of a pyramid)."""
     adapter = get_adapter(model)
     ids = inputs["input_ids"]
     spans, _ = plan_spans(ids, adapter.layouts(model.model, inputs), adapter.token_ids(model.config))
     keep = torch.ones(ids.shape[1], dtype=torch.bool)
     assert len(spans) == len(state.selections[0])
-    for span, selection in zip(spans, state.selections[0], strict=True):
+    kept = kept if kept is not None else [selection.index for selection in state.selections[0]]
+    for span, selection, index in zip(spans, state.selections[0], kept, strict=True):
         assert selection.num_tokens == span.positions.numel()
         keep[span.positions] = False
-        keep[span.positions[selection.index]] = True
+        keep[span.positions[index]] = True
     return keep
 
 
-def reference_decode(model, embeds, keep, first_layer: int, steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens and logits of a no-cache decode: layers < first_layer see every token, the others only ``keep``."""
+def stage_keeps(model, inputs, state, method) -> list[tuple[int, torch.Tensor]]:
+    """(first layer, (N,) bool tokens it and the layers after it see) per prune stage of ``method``."""
+    knobs = KNOBS[method]
+    if "layers" in knobs:
+        stages = state.extra["stage_kept"][0]
+        return [
+            (layer, kept_positions(model, inputs, state, kept))
+            for layer, kept in zip(knobs["layers"], stages, strict=True)
+        ]
+    return [(knobs.get("layer", 0), kept_positions(model, inputs, state))]
+
+
+def reference_decode(model, embeds, stages, steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and logits of a no-cache decode: from each stage's first layer on, only the prompt tokens
+    ``keep`` of that stage (and every generated token) remain; ``stages`` lists (first layer, keep (N,) bool)."""
     lm = model.model.language_model
     suppress = torch.tensor(GREEDY["suppress_tokens"])
     tokens, scores = [], []
     for _ in range(steps):
         n = embeds.shape[1]
-        live = torch.cat([keep, torch.ones(n - keep.numel(), dtype=torch.bool)])
         pos = torch.arange(n)[None]
         h = embeds
         for i, layer in enumerate(lm.layers):
-            if i == first_layer:
-                h, pos = h[:, live], pos[:, live]
+            for first_layer, keep in stages:
+                if i == first_layer:
+                    live = torch.cat([keep, torch.ones(n - keep.numel(), dtype=torch.bool)])[pos[0]]
+                    h, pos = h[:, live], pos[:, live]
             h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=lm.rotary_emb(h, pos))
         logits = model.lm_head(lm.norm(h))[0, -1].index_fill(-1, suppress, -torch.inf)
         token = int(logits.argmax())
@@ -92,23 +119,23 @@ def reference_decode(model, embeds, keep, first_layer: int, steps: int) -> tuple
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-@pytest.mark.parametrize("method", ["divprune", "fastv", "vidcom2", "evs", "cdpruner"])
+@pytest.mark.parametrize("method", list(KNOBS))
 def test_generate_equals_no_cache_decode_of_reduced_input(models, model_type, method):
     model = models(model_type)
     inputs = prompt(model, model_type)
-    knobs = {"keep": 0.25, "layer": K} if method == "fastv" else {"keep": 0.25}
     with torch.no_grad():
         embeds = full_embeddings(model, inputs)
-        with tokreduce.get_reducer(method, **knobs)(model) as state:
+        with tokreduce.get_reducer(method, **KNOBS[method])(model) as state:
             gen = model.generate(
                 **inputs, max_new_tokens=STEPS, output_logits=True, return_dict_in_generate=True, **GREEDY
             )
-        keep = kept_positions(model, inputs, state)
+        stages = stage_keeps(model, inputs, state, method)
+        assert torch.equal(stages[-1][1], kept_positions(model, inputs, state))  # the last stage is the recorded one
         if method == "evs" and model_type in ("llava", "llava_next"):  # a video method: images stay whole
-            assert bool(keep.all())
+            assert bool(stages[-1][1].all())
         else:
-            assert int((~keep).sum()) > 0  # something was removed
-        tokens, logits = reference_decode(model, embeds, keep, K if method == "fastv" else 0, STEPS)
+            assert int((~stages[-1][1]).sum()) > 0  # something was removed
+        tokens, logits = reference_decode(model, embeds, stages, STEPS)
     assert gen.sequences[0, -STEPS:].tolist() == tokens
     for step in range(STEPS):  # logits too: greedy tokens of a tiny random model hardly depend on positions
         got = gen.logits[step][0].index_fill(-1, torch.tensor(GREEDY["suppress_tokens"]), -torch.inf)

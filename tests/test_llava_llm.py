@@ -1,4 +1,4 @@
-"""In-LLM pruning (fastv, dart, framefusion) on a tiny LLaVA: references, SDPA scores, cache, batching."""
+"""In-LLM pruning (fastv, dart, framefusion, pyramiddrop, feather) on a tiny LLaVA: references, SDPA scores, cache, batching."""
 
 import pytest
 import torch
@@ -9,6 +9,8 @@ from tokreduce.adapters.compat import output_cache
 from tokreduce.base import top_k_sorted
 
 K = 2
+# where each in-LLM method prunes in the 4-layer test models (framefusion: from layer 0, its own schedule)
+LAYER_KNOBS = {"framefusion": {}, "pyramiddrop": {"layers": (1, 2, 3)}, "feather": {"layers": (1, 3), "stride": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +116,11 @@ def test_fastv_cached_decode_matches_no_cache_recomputation(llava, policy):
         torch.testing.assert_close(gen.logits[step][0], ref[0, -steps + step], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["fastv", "dart", "framefusion"])
+@pytest.mark.parametrize("name", ["fastv", "dart", "framefusion", "pyramiddrop", "feather"])
 def test_ragged_batch_equals_single_runs(llava, name):
     counts = (2, 1, 3)
     inputs = llava_inputs(counts, seed=8)
-    reducer = tokreduce.get_reducer(name, keep=0.5, **({} if name == "framefusion" else {"layer": K}))
+    reducer = tokreduce.get_reducer(name, keep=0.5, **LAYER_KNOBS.get(name, {"layer": K}))
     with torch.no_grad(), reducer(llava) as state:
         batched = llava.generate(**inputs, max_new_tokens=4, do_sample=False)
         batch_sel = [[s.index.tolist() for s in row] for row in state.selections]
@@ -151,3 +153,39 @@ def test_layer_out_of_range_is_refused(llava):
     with pytest.raises(ValueError, match="layer"):
         with tokreduce.FastV(keep=0.5, layer=4)(llava):
             pass
+
+
+@pytest.mark.parametrize(
+    "reducer",
+    [tokreduce.PyramidDrop(keep=0.5), tokreduce.Feather(keep=0.5), tokreduce.PyramidDrop(keep=0.5, layers=(1, 4))],
+)
+def test_stage_layers_out_of_range_are_refused(llava, reducer):
+    with pytest.raises(ValueError, match=r"pyramiddrop|feather: layers must be in \[1, 3\]"):
+        with reducer(llava):
+            pass
+
+
+@pytest.mark.parametrize("layers", [(2, 1), (2, 2), (), "x"])
+def test_stage_layers_must_increase(layers):
+    with pytest.raises(ValueError, match="layers"):
+        tokreduce.PyramidDrop(layers=layers)
+
+
+def test_stages_record_what_every_layer_ran_on(llava):
+    """Each stage's layers cache exactly what they attended to; ``layer_lengths`` (the FLOPs of eval and bench)
+    says the same, per sample of a ragged batch."""
+    from tokreduce.flops import recorded_lengths
+
+    inputs = llava_inputs((2, 1), seed=5)
+    reducer = tokreduce.PyramidDrop(keep=0.25, layers=(1, 2, 3))
+    with torch.no_grad(), reducer(llava) as state:
+        out = llava(**inputs)
+    lengths = recorded_lengths(reducer, state)
+    n = inputs["attention_mask"].sum(1).tolist()
+    for row, total, images in zip(lengths, n, (2, 1), strict=True):  # 16 -> 10 -> 6 -> 4 tokens per image
+        assert row == [total, total - 6 * images, total - 10 * images, total - 12 * images]
+    # the cache is left padded to the widest row, the prompt's own pad slots included (as for a single stage)
+    pads = [inputs["input_ids"].shape[1] - total for total in n]
+    caches = [layer.keys.shape[-2] for layer in output_cache(out).layers]
+    assert caches == [max(row[i] + pad for row, pad in zip(lengths, pads, strict=True)) for i in range(len(caches))]
+    assert recorded_lengths(tokreduce.FastV(keep=0.5), state) is None

@@ -24,6 +24,7 @@ import tokreduce
 from tokreduce import TokenContext
 from tokreduce.adapters import get_adapter
 from tokreduce.adapters.compat import output_cache
+from tokreduce.flops import recorded_lengths
 from tokreduce.functional import budget
 from tokreduce.methods.prunevid import prunevid_llm_keep
 
@@ -133,6 +134,9 @@ def test_generate_matches_two_stage_reference(model_type):
         torch.testing.assert_close(gen.logits[step][0], ref[step], atol=1e-4, rtol=1e-4)
     lengths = [layer.keys.shape[-2] for layer in output_cache(gen).layers]
     assert lengths[SEL + 1 :] == [lengths[0] - int((~keep).sum())] * (len(lengths) - SEL - 1)
+    # what eval and bench count FLOPs from: the pre-LLM length up to layer SEL, the kept tokens after it
+    layers, prompt, kept = len(lengths), embeds.shape[1], int(keep.sum())
+    assert recorded_lengths(reducer, state) == [[prompt] * (SEL + 1) + [kept] * (layers - SEL - 1)]
 
 
 @pytest.mark.parametrize("model_type", ["llava_onevision", "llava_next_video"])

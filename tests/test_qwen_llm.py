@@ -1,4 +1,4 @@
-"""In-LLM pruning (fastv, dart, framefusion) and DyCoke's decode-time KV pruning on tiny Qwen-VL models (M-RoPE)."""
+"""In-LLM pruning (fastv, dart, framefusion, pyramiddrop, feather) and DyCoke's decode-time KV pruning on tiny Qwen-VL models (M-RoPE)."""
 
 import pytest
 import torch
@@ -20,6 +20,8 @@ from tokreduce.adapters.compat import output_cache
 from tokreduce.base import top_k_sorted
 
 K = 2
+# where each in-LLM method prunes in the 4-layer test models (framefusion: from layer 0, its own schedule)
+LAYER_KNOBS = {"framefusion": {}, "pyramiddrop": {"layers": (1, 2, 3)}, "feather": {"layers": (1, 3), "stride": 2}}
 ITEMS = [("image", (1, 4, 8)), ("video", (4, 4, 4))]
 
 
@@ -37,10 +39,13 @@ def eager_models(qwen_models):
     return get
 
 
-def manual_forward(model, inputs, keep, policy="original"):
+def manual_forward(model, inputs, keep, policy="original", stages=None):
     """Layers < K on every token, layers >= K on ``keep`` (1-D bool) only; one sample, no cache, M-RoPE
     positions from get_rope_index (kept tokens keep theirs, or 0..L-1 on all three axes for "compact"),
-    Qwen3-VL deepstack features added after the first layers. Returns logits of the kept tokens."""
+    Qwen3-VL deepstack features added after the first layers. Returns logits of the kept tokens.
+
+    ``stages``: (first layer, keep) per prune stage of a pyramid instead (each keep a subset of the one before;
+    "compact" renumbers at every stage)."""
     lm = model.model.language_model
     ids = inputs["input_ids"]
     outputs = encoder_outputs(model, inputs)
@@ -54,16 +59,16 @@ def manual_forward(model, inputs, keep, policy="original"):
                 deep.append(torch.zeros_like(h))
             deep[level] = deep[level].masked_scatter(masks[kind][..., None], torch.cat(list(feats)))
     pos = full_positions(model, inputs)
-    pe = lm.rotary_emb(h, pos)
-    for i, layer in enumerate(lm.layers[:K]):
-        h = layer(h, attention_mask=None, position_embeddings=pe)
+    rows = torch.arange(h.shape[1])  # original row of every current row
+    stages = dict(stages or [(K, keep)])
+    for i, layer in enumerate(lm.layers):
+        if i in stages:
+            live = stages[i][rows]
+            h, pos, rows = h[:, live], pos[:, :, live], rows[live]
+            if policy == "compact":
+                pos = torch.arange(h.shape[1])[None, None].expand(3, 1, -1)
+        h = layer(h, attention_mask=None, position_embeddings=lm.rotary_emb(h, pos))
         h = h + deep[i] if i < len(deep) else h
-    h, pos = h[:, keep], pos[:, :, keep]
-    if policy == "compact":
-        pos = torch.arange(h.shape[1])[None, None].expand(3, 1, -1)
-    pe = lm.rotary_emb(h, pos)
-    for layer in lm.layers[K:]:
-        h = layer(h, attention_mask=None, position_embeddings=pe)
     return model.lm_head(lm.norm(h))
 
 
@@ -136,12 +141,49 @@ def test_fastv_cached_decode_matches_no_cache_recomputation(qwen_models, model_t
 
 
 @pytest.mark.parametrize("model_type", QWEN_TYPES)
-@pytest.mark.parametrize("name", ["fastv", "dart", "framefusion"])
+@pytest.mark.parametrize("policy", ["original", "compact"])
+@pytest.mark.parametrize("name", ["pyramiddrop", "feather"])
+def test_pyramid_cached_decode_matches_no_cache_recomputation(qwen_models, model_type, policy, name):
+    """Several prune stages: each stage's layers hold exactly its survivors in their cache, and cached decode ==
+    the reduced sequence recomputed stage by stage without a cache."""
+    model = qwen_models(model_type)
+    inputs = qwen_inputs(model_type, [ITEMS], seed=6)
+    steps = 4
+    knobs = LAYER_KNOBS[name]
+    with torch.no_grad(), tokreduce.get_reducer(name, keep=0.25, positions=policy, **knobs)(model) as state:
+        gen = model.generate(
+            **inputs, max_new_tokens=steps, output_logits=True, return_dict_in_generate=True, **QWEN_GREEDY
+        )
+        lengths = [layer.keys.shape[-2] for layer in output_cache(gen).layers]
+    n = inputs["input_ids"].shape[1]
+    seq = dict(inputs)
+    seq["input_ids"] = gen.sequences[:, :-1]
+    seq["attention_mask"] = torch.ones_like(seq["input_ids"])
+    seq["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, steps - 1).int()], 1)
+    stages = []
+    for layer, kept in zip(knobs["layers"], state.extra["stage_kept"][0], strict=True):
+        keep = torch.ones(seq["input_ids"].shape[1], dtype=torch.bool)
+        for index, slots in zip(kept, item_slots(inputs["input_ids"][0], ITEMS), strict=True):
+            keep[slots] = False
+            keep[slots[index]] = True
+        stages.append((layer, keep))
+    want = [n + steps - 1] * len(lengths)
+    for layer, keep in stages:  # every layer's cache holds the tokens its stage attended to
+        want[layer:] = [int(keep.sum())] * (len(lengths) - layer)
+    assert lengths == want and want[-1] < want[0]
+    with torch.no_grad():
+        ref = manual_forward(model, seq, None, policy, stages)  # recomputed without any cache
+    for step in range(steps):
+        torch.testing.assert_close(gen.logits[step][0], ref[0, -steps + step], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", QWEN_TYPES)
+@pytest.mark.parametrize("name", ["fastv", "dart", "framefusion", "pyramiddrop", "feather"])
 def test_ragged_batch_equals_single_runs(qwen_models, model_type, name):
     model = qwen_models(model_type)
     samples = [ITEMS, [("image", (1, 4, 4))], [("video", (2, 4, 4)), ("image", (1, 8, 4))]]
     inputs = qwen_inputs(model_type, samples, seed=8)
-    reducer = tokreduce.get_reducer(name, keep=0.5, **({} if name == "framefusion" else {"layer": K}))
+    reducer = tokreduce.get_reducer(name, keep=0.5, **LAYER_KNOBS.get(name, {"layer": K}))
     if name == "framefusion" and model_type == "qwen3_vl":  # merges from layer 0, below the deepstack layers
         with pytest.raises(ValueError, match="deepstack"), reducer(model):
             pass
@@ -187,6 +229,11 @@ def test_pruning_below_qwen3_deepstack_depth_is_refused():
         with tokreduce.FastV(keep=0.5, layer=1)(model):
             pass
     with tokreduce.FastV(keep=0.5, layer=2)(model):
+        pass
+    with pytest.raises(ValueError, match="deepstack"):  # every stage of a pyramid is checked
+        with tokreduce.PyramidDrop(keep=0.5, layers=(1, 2, 3))(model):
+            pass
+    with tokreduce.PyramidDrop(keep=0.5, layers=(2, 3))(model):
         pass
 
 

@@ -33,6 +33,8 @@ def knobs(name: str, keep):
         return {"keep": keep, "alpha": 1.0}
     if name in ("fastv", "dart"):
         return {"keep": keep, "layer": 2}
+    if name in ("pyramiddrop", "feather"):  # the tiny models have 4 decoder layers, not their default stage layers
+        return {"keep": keep, "layers": (1, 2)}
     if name == "mustdrop":  # its default stage is inside the tower; the merged grids here are too small for 3 x 3
         return {"keep": keep, "stage": "pre_llm", "window": 2}
     return {"keep": keep}

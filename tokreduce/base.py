@@ -81,9 +81,9 @@ class Reducer:
             raise ValueError(f"positions must be one of {POSITION_POLICIES}, got {self.positions!r}")
 
     # -- what the adapters serve (tokreduce.stages) ----------------------------------------------------------
-    def in_llm(self) -> LayerPrune | LayerMerge | None:
-        """Stage "llm": the decoder layer to prune at and the states the selection needs there, or the steps of a
-        merge that runs layer by layer."""
+    def in_llm(self) -> LayerPrune | tuple[LayerPrune, ...] | LayerMerge | None:
+        """Stage "llm": the decoder layer to prune at and the states the selection needs there (a tuple: several
+        prune stages at increasing layers), or the steps of a merge that runs layer by layer."""
         return None
 
     def in_encoder(self) -> BlockMerge | LayerScore | LayerwisePrune | None:

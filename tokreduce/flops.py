@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .stages import LayerPrune
+
 
 @dataclass(frozen=True)
 class LMShape:
@@ -59,12 +61,11 @@ def _per_layer(lengths: int | list[int], layers: int) -> list[int]:
     return list(lengths)
 
 
-def layer_lengths(shape: LMShape, full: int, reduced: int, layer: int = 0, early: int | None = None) -> list[int]:
-    """Sequence length per decoder layer when visual tokens are pruned at ``layer`` (0 = before the LLM); layers before
-    ``layer`` see ``early`` tokens (default ``full``; fewer after a pre-LLM stage of a two-stage method)."""
+def layer_lengths(shape: LMShape, full: int, reduced: int, layer: int = 0) -> list[int]:
+    """Sequence length per decoder layer when visual tokens are pruned at ``layer`` (0 = before the LLM)."""
     if not 0 <= layer <= shape.layers:
         raise ValueError(f"layer must be in [0, {shape.layers}], got {layer}")
-    return [full if early is None else early] * layer + [reduced] * (shape.layers - layer)
+    return [full] * layer + [reduced] * (shape.layers - layer)
 
 
 def prefill_flops(shape: LMShape, lengths: int | list[int]) -> int:
@@ -154,7 +155,7 @@ def ideal_reduction(
     text: int,
     layer: int = 0,
     dtype: torch.dtype = torch.bfloat16,
-    early_kept: int | None = None,
+    lengths: list[int] | None = None,
 ) -> IdealReduction:
     """Ideal prefill FLOPs and KV bytes when ``visual`` tokens shrink to ``kept`` at decoder layer ``layer``.
 
@@ -166,14 +167,15 @@ def ideal_reduction(
         layer: first decoder layer that sees the reduced sequence; 0 for methods acting before the LLM
             (layers < ``layer`` process, and cache, all ``visual + text`` tokens).
         dtype: dtype of the KV cache.
-        early_kept: visual tokens layers < ``layer`` see (default ``visual``; fewer when a pre-LLM stage came first).
+        lengths: the sequence length of every decoder layer of the reduced prefill where it is not ``layer``'s one
+            step (several prune stages, a prune after a pre-LLM one: :func:`recorded_lengths`), instead of the
+            lengths from ``kept`` and ``layer``.
     """
     shape = config if isinstance(config, LMShape) else LMShape.from_config(config)
     if not 0 <= kept <= visual or text < 0:
         raise ValueError(f"need 0 <= kept <= visual and text >= 0, got visual={visual}, kept={kept}, text={text}")
     full = visual + text
-    early = None if early_kept is None else early_kept + text
-    lengths = layer_lengths(shape, full, kept + text, layer, early)
+    lengths = layer_lengths(shape, full, kept + text, layer) if lengths is None else _per_layer(lengths, shape.layers)
     return IdealReduction(
         full_flops=prefill_flops(shape, full),
         reduced_flops=prefill_flops(shape, lengths),
@@ -189,19 +191,25 @@ def reduction_layer(reducer) -> int:
 
     A decode-time cache policy (``reducer.in_decode()``) prunes only while decoding, so it does not change
     the prefill. A merge that runs layer by layer (:class:`~tokreduce.stages.LayerMerge`) starts at layer 0 and
-    reaches its budget a few layers later, so 0 makes its savings an upper bound.
+    reaches its budget a few layers later, so 0 makes its savings an upper bound. Several prune stages (a pyramid)
+    give their first stage's layer, also an upper bound; a wrapped model records the real per-layer lengths in
+    ``state.extra["layer_lengths"]``.
     """
     plan = reducer.in_llm() if reducer is not None and reducer.stage == "llm" else None
+    if isinstance(plan, tuple):  # several prune stages: the first one's layer, so the savings are an upper bound
+        plan = plan[0]
     return int(getattr(plan, "layer", 0))
 
 
-def two_stage(reducer, visual: int, grid: tuple[int, int, int] | None = None) -> tuple[int, int | None]:
-    """(layer, visual tokens before it) of a pre-LLM reducer that prunes again at a decoder layer (its ``in_llm()``
-    gives a LayerPrune); (:func:`reduction_layer`, None) for any other reducer."""
-    plan = reducer.in_llm() if reducer is not None and reducer.stage == "pre_llm" else None
-    if plan is None or not hasattr(plan, "select"):
-        return reduction_layer(reducer), None
-    return int(plan.layer), reducer.num_kept(visual, grid)
+def recorded_lengths(reducer, state) -> list[list[int]] | None:
+    """Per sample, the sequence length every decoder layer ran on (``state.extra["layer_lengths"]``), as recorded for a
+    reducer whose prefill no single prune layer describes: several prune stages, or a prune inside the language model
+    after a pre-LLM one; None for other reducers, whose savings :func:`reduction_layer` describes."""
+    if reducer is None or state is None or reducer.stage not in ("llm", "pre_llm"):
+        return None
+    plan = reducer.in_llm()
+    staged = isinstance(plan, tuple) or (reducer.stage == "pre_llm" and isinstance(plan, LayerPrune))
+    return state.extra.get("layer_lengths") if staged else None
 
 
 def ideal_for_method(

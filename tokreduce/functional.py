@@ -6,6 +6,7 @@ from .methods.divprune import divprune
 from .methods.dycoke import dycoke_keep_mask, dycoke_kv_select, dycoke_ttm
 from .methods.evs import evs, evs_dissimilarity, evs_retained_count
 from .methods.fastvid import density_peak_scores, dynamic_segments, fastvid, frame_quotas
+from .methods.feather import feather_first, strided_grid
 from .methods.ficoco import ficoco, ficoco_compress, ficoco_select
 from .methods.flowcut import flowcut_prune_count, flowcut_scores, flowcut_step
 from .methods.framefusion import frame_merge
@@ -14,6 +15,7 @@ from .methods.mustdrop import mustdrop, mustdrop_windows, window_similarity
 from .methods.pitome import pitome, pitome_matching
 from .methods.pool import pool_assignment
 from .methods.prunevid import dpc_knn, prunevid_merge, refine_labels, temporal_segments
+from .methods.pyramiddrop import pyramid_counts, pyramiddrop_stage
 from .methods.random import random_scores
 from .methods.tome import bipartite_soft_matching, parse_r, tome
 from .methods.uniform import uniform_indices
@@ -39,6 +41,7 @@ __all__ = [
     "evs_dissimilarity",
     "evs_retained_count",
     "fastvid",
+    "feather_first",
     "ficoco",
     "ficoco_compress",
     "ficoco_select",
@@ -49,16 +52,19 @@ __all__ = [
     "frame_quotas",
     "holitom",
     "largest_remainder",
-    "parse_r",
     "mustdrop",
     "mustdrop_windows",
+    "parse_r",
     "pitome",
     "pitome_matching",
     "pool_assignment",
     "prunevid_merge",
+    "pyramid_counts",
+    "pyramiddrop_stage",
     "random_scores",
     "refine_labels",
     "static_windows",
+    "strided_grid",
     "temporal_segments",
     "tome",
     "uniform_indices",

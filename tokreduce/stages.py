@@ -5,8 +5,9 @@ Adapters never ask which method they run; they read these declarations from the 
 - ``reducer.stage``: where its selection is made ("vision", "pre_llm" or "llm");
 - :meth:`Reducer.in_llm` -> :class:`LayerPrune`: prune at the input of decoder layer K, with the inputs it
   needs from the layers before (attention rows of the last queries, key and text states) and, optionally,
-  a new choice at every decode step; or :class:`LayerMerge`: merge step by step in the layers from layer 0
-  on, then prune once by attention;
+  a new choice at every decode step; or a tuple of :class:`LayerPrune` at increasing layers (a pyramid: each
+  stage prunes the survivors of the one before, with its own ``select``); or :class:`LayerMerge`: merge step by
+  step in the layers from layer 0 on, then prune once by attention;
 - :meth:`Reducer.in_encoder` -> :class:`BlockMerge` (merge a few tokens in every encoder block) or
   :class:`LayerScore` (score the tokens with one encoder layer's attention, then select, per crop / frame, in
   the order the method emits them) or :class:`LayerwisePrune` (prune step by step in the encoder layers, with a
@@ -16,8 +17,8 @@ Adapters never ask which method they run; they read these declarations from the 
   besides the span's tokens (the instruction's token embeddings).
 
 A method that acts at two stages (DyCoke: pre-LLM merge, then a decode-time cache policy) declares both in
-its one file. A "pre_llm" reducer whose ``in_llm`` gives a :class:`LayerPrune` prunes again inside the language
-model: its ``select`` reduces before the LLM, the LayerPrune's ``select`` at layer K.
+its one file. A "pre_llm" reducer whose ``in_llm`` gives a :class:`LayerPrune` (or a tuple of them) prunes again
+inside the language model: its ``select`` reduces before the LLM, the LayerPrune's ``select`` at layer K.
 """
 
 from __future__ import annotations
@@ -55,10 +56,19 @@ class LayerPrune:
         question: score with the attention rows of every non-visual prompt token after the span (the question and
             what follows it) at layer K-1, post-softmax (float32), max over heads and over those rows, as
             ``TokenContext.attention``; ``queries`` is then not used.
-        select: ``(tokens (1, n, C), ctx) -> Selection`` of the n tokens, the choice at layer K of a "pre_llm" reducer
-            (whose own ``select`` acted before the LLM); None: the reducer's ``select``. Its ``ctx.earlier`` is the
-            span's pre-LLM Selection (in the span's original numbering; the n tokens are its outputs) and
-            ``ctx.grid`` the span's original grid. Needs ``positions="original"``.
+        own_layer: the attention row (and keys) come from layer K's own projections on its input (layer K-1's
+            output, before the prune) instead of from layer K-1.
+        rope: apply the rotary embedding to the queries and keys of the attention row (False: the raw q_proj /
+            k_proj states, so the score has no positional decay); the keys handed over follow.
+        span_softmax: the softmax of the attention row runs over each span's keys only (per head, before the
+            mean over heads and queries) instead of over every key the queries see.
+        select: ``(tokens (1, n, C), ctx) -> Selection`` of the n tokens for this stage; None: the reducer's
+            ``select``. The n tokens are what the stages before left of the span: the outputs of a "pre_llm"
+            reducer's own ``select`` (which acted before the LLM) and / or the survivors of the earlier prune
+            stages; ``ctx`` is filled as above for them, ``ctx.earlier`` is the Selection those stages made
+            together (in the span's original numbering; the n tokens are its outputs; None at the first stage of
+            an "llm" reducer) and ``ctx.grid`` the span's original grid (N = t * h * w). Needed where a reducer
+            declares several stages; after a pre-LLM stage it needs ``positions="original"``.
         knob: the method's name for ``layer`` in error messages (and the demo's layer slider).
         knob_offset: the knob's value is ``layer - knob_offset`` (PruneVid's ``selected_layer`` names the layer whose
             attention chooses, K - 1: offset 1).
@@ -74,6 +84,9 @@ class LayerPrune:
     select: Callable[[Tensor, TokenContext], Selection] | None = None
     knob: str = "layer"
     knob_offset: int = 0
+    own_layer: bool = False
+    rope: bool = True
+    span_softmax: bool = False
 
 
 @dataclass(frozen=True)

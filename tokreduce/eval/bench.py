@@ -48,6 +48,10 @@ Video features have temporal redundancy (each frame = a shared per-position base
     tokreduce bench --scaling               # time and peak memory vs 576..9216 visual tokens (bench_scaling.py)
     tokreduce bench --models qwen2-vl-2b --methods fastv,divprune --keep 0.25 --tokens 2304 --layers 8
     tokreduce bench --methods dycoke --knob dycoke.decode_policy=persistent
+    tokreduce bench --methods pyramiddrop --knob "pyramiddrop.layers=[2,4,6]"
+
+Several prune stages (PyramidDrop, FEATHER), or a prune inside the LLM after a pre-LLM one (PruneVid): the ideal
+column uses the length every layer really ran on (recorded by the adapter), since the savings depend on every stage.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ from pathlib import Path
 
 import torch
 
-from tokreduce.flops import LMShape, ideal_reduction, two_stage
+from tokreduce.flops import LMShape, ideal_reduction, recorded_lengths, reduction_layer
 from tokreduce.roofline import Machine, roofline_ratio, roofline_seconds
 
 from .bench_models import (
@@ -217,8 +221,11 @@ def bench_cell(
     kept = sum(state.stats.tokens_out)
     if sum(state.stats.tokens_in) != prompt.visual:
         raise RuntimeError(f"{method}: reduced {sum(state.stats.tokens_in)} visual tokens, expected {prompt.visual}")
-    layer, early = two_stage(reducer, prompt.visual, prompt.grid)
-    ideal = ideal_reduction(shape, prompt.visual, kept, prompt.text, layer, model.dtype, early)
+    # several prune stages, or a prune after a pre-LLM one: the lengths each layer really ran on (the counts of a
+    # stage may depend on the scores)
+    lengths = recorded_lengths(reducer, state)
+    lengths = lengths[0] if lengths else None
+    ideal = ideal_reduction(shape, prompt.visual, kept, prompt.text, reduction_layer(reducer), model.dtype, lengths)
     per_token = 2 * shape.kv_heads * shape.head_dim * model.dtype.itemsize
     error = max(abs(b - per_token * n) / (per_token * n) for b, n in zip(layer_bytes, ideal.lengths, strict=True))
     full_s, reduced = statistics.median(full), statistics.median(times)

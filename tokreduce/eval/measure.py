@@ -118,18 +118,29 @@ def reducible_tokens(model, inputs: dict) -> list[int]:
     return counts
 
 
-def sample_prefill_flops(shape: LMShape, seq_len: int, removed: int, layer: int) -> int:
+def sample_prefill_flops(
+    shape: LMShape, seq_len: int, removed: int, layer: int, lengths: list[int] | None = None
+) -> int:
     """Language-model prefill FLOPs of one sample of ``seq_len`` tokens whose reducer removed ``removed`` of them
-    from decoder layer ``layer`` on (``tokreduce.flops`` conventions; vision encoder excluded)."""
-    return prefill_flops(shape, _lengths(shape, seq_len, removed, layer))
+    from decoder layer ``layer`` on (``tokreduce.flops`` conventions; vision encoder excluded); ``lengths``: the
+    length every layer ran on instead (several prune stages, :func:`tokreduce.flops.recorded_lengths`)."""
+    return prefill_flops(shape, _lengths(shape, seq_len, removed, layer, lengths))
 
 
 def sample_prefill_roofline(
-    shape: LMShape, seq_len: int, removed: int, layer: int, machine: Machine, itemsize: int = 2
+    shape: LMShape,
+    seq_len: int,
+    removed: int,
+    layer: int,
+    machine: Machine,
+    itemsize: int = 2,
+    lengths: list[int] | None = None,
 ) -> float:
     """Roofline-predicted language-model prefill seconds of the same sample (:mod:`tokreduce.roofline`)."""
-    return roofline_seconds(shape, _lengths(shape, seq_len, removed, layer), machine, itemsize)
+    return roofline_seconds(shape, _lengths(shape, seq_len, removed, layer, lengths), machine, itemsize)
 
 
-def _lengths(shape: LMShape, seq_len: int, removed: int, layer: int) -> list[int]:
+def _lengths(shape: LMShape, seq_len: int, removed: int, layer: int, lengths: list[int] | None = None) -> list[int]:
+    if lengths is not None and len(lengths) == shape.layers:
+        return list(lengths)
     return layer_lengths(shape, seq_len, seq_len - removed, min(layer, shape.layers))

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..flops import LMShape, reduction_layer
+from ..flops import LMShape, recorded_lengths, reduction_layer
 from ..image import read_image
 from ..registry import get_reducer
 from ..video import read_frames
@@ -214,9 +214,9 @@ class _Worker:
                 return
             self._error(items[0], method, keep, "model_error", error)
             return
-        self._record_batch(method, keep, reducer, items, inputs, out, clock, stats)
+        self._record_batch(method, keep, reducer, items, inputs, out, clock, stats, state)
 
-    def _record_batch(self, method, keep, reducer, items, inputs, out, clock, stats) -> None:
+    def _record_batch(self, method, keep, reducer, items, inputs, out, clock, stats, state=None) -> None:
         b = len(items)
         ids = inputs["input_ids"]
         new = out[:, ids.shape[1] :].cpu()
@@ -232,6 +232,8 @@ class _Worker:
             lost = [i - o for i, o in zip(stats.tokens_in, stats.tokens_out, strict=True)]
         select_s = stats.seconds / b if stats is not None else 0.0
         layer = reduction_layer(reducer)
+        lengths = recorded_lengths(reducer, state)  # several prune stages: what each layer really ran on
+        lengths = lengths if lengths is not None and len(lengths) == b else [None] * b
         peak = peak_memory_mb(self.device)
         decode_rate = clock.decode_tokens_per_s(b)
         for i, item in enumerate(items):
@@ -250,9 +252,9 @@ class _Worker:
                 decode_tok_s=decode_rate,
                 gen_tokens=self._generated(new[i]),
                 select_s=select_s,
-                prefill_flops=sample_prefill_flops(self.shape, int(seq_len[i]), int(lost[i]), layer),
+                prefill_flops=sample_prefill_flops(self.shape, int(seq_len[i]), int(lost[i]), layer, lengths[i]),
                 roofline_s=sample_prefill_roofline(
-                    self.shape, int(seq_len[i]), int(lost[i]), layer, self.machine, self.itemsize
+                    self.shape, int(seq_len[i]), int(lost[i]), layer, self.machine, self.itemsize, lengths[i]
                 ),
                 machine_flops=self.machine.flops,
                 machine_bandwidth=self.machine.bandwidth,

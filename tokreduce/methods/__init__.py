@@ -11,6 +11,7 @@ from .dycoke import DyCoke, DyCokeReducer
 from .evs import EVS, EVSReducer
 from .fastv import FastV, FastVReducer
 from .fastvid import FastVID, FastVIDReducer
+from .feather import Feather, FeatherReducer
 from .ficoco import FiCoCo, FiCoCoReducer
 from .flowcut import FlowCut, FlowCutReducer
 from .framefusion import FrameFusion, FrameFusionReducer
@@ -19,6 +20,7 @@ from .mustdrop import MustDrop, MustDropReducer
 from .pitome import PiToMe, PiToMeReducer
 from .pool import Pool, PoolReducer
 from .prunevid import PruneVid, PruneVidReducer
+from .pyramiddrop import PyramidDrop, PyramidDropReducer
 from .random import Random, RandomReducer
 from .tome import ToMe, ToMeReducer
 from .uniform import Uniform, UniformReducer
