@@ -88,7 +88,8 @@ def test_image_overlay_shows_both_spans(session):
 def test_video_overlay_is_a_frame_grid(session, method, keep):
     media, question = example(session, "video")
     assert len(media.frames) == session.limits.frames
-    c = session.compare(media, question, method, keep=keep)
+    layer = 2 if method == "holitom" else None  # its merge inside the LLM: the toy has 4 decoder layers, not 28
+    c = session.compare(media, question, method, keep=keep, layer=layer)
     assert [s.grid for s in c.selections] == [(8, 3, 3)]
     assert c.overlay.size == (4 * TILE + 3 * 4, 2 * TILE + 4 + CAPTION)  # 4 x 2 frames
     assert c.tokens_out == round(72 * keep)

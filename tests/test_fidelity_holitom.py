@@ -9,6 +9,11 @@ reference sorts it by in its grid layout (a static token in its window's first f
 
 The library spreads an exact budget; here it is handed the reference's own counts (``quotas``) so that every
 decision and merged value can be compared.
+
+Inside the LLM: holitom/modeling_qwen2.py, ``Qwen2Model_holitom.forward`` (same commit), the block run at
+``layer_idx == HOLITOM_k``: the top ``round(L * (1 - HOLITOM_r))`` image tokens by the last token's head-averaged
+attention in the layer before, and the in-place pairwise averaging of every other image token into its most
+similar top token; transcribed for one sample on a whole sequence's hidden states.
 """
 
 import math
@@ -17,7 +22,8 @@ import pytest
 import torch
 
 from tokreduce import TokenContext, get_reducer
-from tokreduce.functional import holitom, static_windows
+from tokreduce.functional import holitom, holitom_llm_merge, static_windows
+from tokreduce.selection import Selection
 
 
 def reference_windows(sim, tau, max_window):
@@ -154,10 +160,63 @@ def test_windows_match_reference(max_window):
 def test_exact_budget_and_image_gets_the_spatial_part():
     video = moving_video([3, 5], 16, 24, 0).reshape(1, -1, 24)
     for keep in (0.1, 0.25, 0.5, 0.9):
-        sel = get_reducer("holitom", keep=keep).select(video, TokenContext(grid=(8, 4, 4)))
+        sel = get_reducer("holitom", keep=keep, r=0.0).select(video, TokenContext(grid=(8, 4, 4)))
         assert sel.index.shape == (1, round(keep * 128))
     image = torch.randn(1, 36, 16)
     attn = torch.rand(1, 36)
-    out, sel = get_reducer("holitom", keep=0.25).reduce(image, TokenContext(grid=(1, 6, 6), attention=attn))
+    out, sel = get_reducer("holitom", keep=0.25, r=0.0).reduce(image, TokenContext(grid=(1, 6, 6), attention=attn))
     assert sel.index[0].tolist() == attn[0].topk(9).indices.sort().values.tolist()  # d = 0: the most salient
     assert torch.equal(out, sel.gather(image))
+
+
+def reference_llm_merge(hidden, attention, start, length, r):
+    """-> (kept sequence indices, hidden states after the merge and the cut). hidden: (1, S, C), attention: (S,)."""
+    hidden = hidden.clone()
+    top = attention[start : start + length].topk(round(length * (1 - r))).indices + start
+    everything = torch.arange(length)
+    others = everything[~torch.isin(everything, top - start)] + start
+    a, b = hidden[:, others, :], hidden[:, top, :]
+    # the reference's bmm; here every pair is summed alike, so that equal tokens tie exactly and the tie goes to the
+    # first in top-k order, as torch.max does (bmm's rounding can differ from column to column)
+    dot = (a[:, :, None, :] * b[:, None, :, :]).sum(-1)
+    sim = dot / (a.norm(dim=-1, keepdim=True) * b.norm(dim=-1, keepdim=True).transpose(1, 2))
+    _, nearest = sim.max(dim=-1)
+    for i in range(len(others)):
+        target = top[nearest[0, i]]
+        hidden[0, target, :] = (hidden[0, target, :] + hidden[0, others[i], :]) / 2
+    keep = torch.cat([torch.arange(start), top, torch.arange(start + length, hidden.shape[1])]).sort().values
+    return keep, hidden[:, keep, :]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("length, r", [(40, 0.5), (37, 0.5), (25, 0.7), (12, 0.2)])
+def test_llm_merge_matches_reference(seed, length, r):
+    g = torch.Generator().manual_seed(seed)
+    start, after, dim = 5, 7, 16
+    hidden = torch.randn(1, start + length + after, dim, generator=g, dtype=torch.float64)
+    if seed % 2:  # duplicate tokens: equal similarities, which the reference gives to the first in its top-k order
+        hidden[0, start + 1 : start + length : 3] = hidden[0, start]
+    attention = torch.rand(hidden.shape[1], generator=g, dtype=torch.float64)
+    keep, merged = reference_llm_merge(hidden, attention, start, length, r)
+
+    span = slice(start, start + length)
+    sel = holitom_llm_merge(hidden[:, span], attention[span][None], round(length * (1 - r)))
+    assert (sel.index[0] + start).tolist() == [i for i in keep.tolist() if start <= i < start + length]
+    kept_in_span = (keep >= start) & (keep < start + length)
+    torch.testing.assert_close(sel.merge(hidden[:, span].float())[0], merged[0, kept_in_span].float())
+    assert torch.equal(merged[0, ~kept_in_span], hidden[0, keep[~kept_in_span]])  # text untouched
+
+
+def test_llm_stage_keeps_the_final_share_of_the_pre_llm_outputs():
+    reducer = get_reducer("holitom", keep=0.1, r=0.5)
+    assert reducer.num_kept(200) == 40 and get_reducer("holitom", keep=12).num_kept(200) == 24
+    assert get_reducer("holitom", keep=0.6).num_kept(200) == 200  # 0.6 / 0.5 > 1: the LLM stage alone
+    tokens, attention = torch.randn(1, 40, 8), torch.rand(1, 40)
+    earlier = Selection(index=torch.arange(0, 200, 5)[None], num_tokens=200)
+    sel = reducer.in_llm().select(tokens, TokenContext(attention=attention, earlier=earlier))
+    assert sel.index[0].tolist() == attention[0].topk(20).indices.sort().values.tolist()
+    assert reducer.in_llm().layer == 18 and get_reducer("holitom", r=0.0).in_llm() is None
+    with pytest.raises(ValueError, match="positions='original'"):
+        get_reducer("holitom", positions="compact")
+    with pytest.raises(ValueError, match=r"r must be a number in \[0.0, 1.0\)"):
+        get_reducer("holitom", r=1.0)

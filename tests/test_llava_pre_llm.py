@@ -22,6 +22,8 @@ def knobs(name: str, keep):
         return {"factor": 2}
     if name == "prunevid":  # its pre-LLM stage alone (the LLM stage is tested in test_prunevid_models.py)
         return {"keep": keep, "alpha": 1.0}
+    if name == "holitom":  # its pre-LLM stage alone (the LLM stage is tested in test_holitom_models.py)
+        return {"keep": keep, "r": 0.0}
     if name == "mustdrop":  # its default stage is inside the tower
         return {"keep": keep, "stage": "pre_llm"}
     return {"keep": keep}

@@ -29,6 +29,8 @@ from tokreduce.functional import budget
 from tokreduce.methods.prunevid import prunevid_llm_keep
 
 SEL = 1  # selected_layer: its attention chooses, layers > SEL run on the kept tokens (tiny models have 4 layers)
+# the methods that reduce before the LLM and again inside it, with the knobs that put their LLM stage at layer SEL + 1
+TWO_STAGE = {"prunevid": {"selected_layer": SEL}, "holitom": {"layer": SEL + 1}}
 STEPS = 3
 
 
@@ -68,6 +70,42 @@ def lm_call(model, inputs, reducer=None, **generate):
             h.remove()
 
 
+def video_case(model_type: str):
+    """A tiny ``model_type``, an eager copy with the same weights, and an 8-frame video prompt: (model, eager, inputs,
+    start of the video span, its grid)."""
+    model = build(model_type)
+    eager = build(model_type, attn="eager")
+    eager.load_state_dict(model.state_dict())
+    return model, eager, *video_prompt(model, seed=3)
+
+
+def generate_after_pre_llm(model, inputs, start: int, grid, reducer):
+    """``STEPS`` greedy tokens (with logits) under ``reducer``, the language model's input checked against the pre-LLM
+    Selection made by hand on the video features (merged values, original positions).
+
+    Returns (that Selection, the LM's input embeddings and position ids, the reduced ids, the video tokens' places in
+    them, the generate output, the ReductionState)."""
+    n = grid[0] * grid[1] * grid[2]
+    full, _, _ = lm_call(model, inputs)
+    features = full["inputs_embeds"][0, start : start + n]
+    earlier = reducer.select(features[None], TokenContext(grid=grid))
+    seen, ids, (gen, state) = lm_call(
+        model,
+        inputs,
+        reducer,
+        max_new_tokens=STEPS,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    embeds, pos = seen["inputs_embeds"], seen["position_ids"]
+    video = (ids[0] == VIDEO_TOKEN).nonzero().squeeze(-1)
+    video = video[pos[0, video] < start + n]  # not OneVision's newline token after the frames
+    torch.testing.assert_close(embeds[0, video], earlier.merge(features[None])[0])  # the pre-LLM stage
+    assert pos[0, video].tolist() == (start + earlier.index[0]).tolist()  # original positions
+    return earlier, embeds, pos, ids, video, gen, state
+
+
 def manual_decode(model, embeds, pos, keep, tokens, layer):
     """Logits of the last token for each prefix of ``tokens``: layers < ``layer`` on the whole reduced prompt, later
     layers on ``keep`` (1-D bool over the prompt) and the new tokens; original positions; no cache."""
@@ -88,31 +126,11 @@ def manual_decode(model, embeds, pos, keep, tokens, layer):
 
 @pytest.mark.parametrize("model_type", ["llava_onevision", "llava_next_video"])
 def test_generate_matches_two_stage_reference(model_type):
-    model = build(model_type)
-    eager = build(model_type, attn="eager")
-    eager.load_state_dict(model.state_dict())
-    inputs, start, grid = video_prompt(model, seed=3)
+    model, eager, inputs, start, grid = video_case(model_type)
     n = grid[0] * grid[1] * grid[2]
     reducer = tokreduce.get_reducer("prunevid", keep=0.25, selected_layer=SEL)
-    full, _, _ = lm_call(model, inputs)
-    features = full["inputs_embeds"][0, start : start + n]
-    earlier = reducer.select(features[None], TokenContext(grid=grid))
+    earlier, embeds, pos, ids, video, gen, state = generate_after_pre_llm(model, inputs, start, grid, reducer)
     assert earlier.num_kept == budget(n, 0.25 / 0.4)
-
-    seen, ids, (gen, state) = lm_call(
-        model,
-        inputs,
-        reducer,
-        max_new_tokens=STEPS,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    embeds, pos = seen["inputs_embeds"], seen["position_ids"]
-    video = (ids[0] == VIDEO_TOKEN).nonzero().squeeze(-1)
-    video = video[pos[0, video] < start + n]  # not OneVision's newline token after the frames
-    torch.testing.assert_close(embeds[0, video], earlier.merge(features[None])[0])  # the pre-LLM stage
-    assert pos[0, video].tolist() == (start + earlier.index[0]).tolist()  # original positions
 
     with torch.no_grad():
         attn = eager.model.language_model(inputs_embeds=embeds, position_ids=pos, output_attentions=True).attentions
@@ -139,11 +157,12 @@ def test_generate_matches_two_stage_reference(model_type):
     assert recorded_lengths(reducer, state) == [[prompt] * (SEL + 1) + [kept] * (layers - SEL - 1)]
 
 
+@pytest.mark.parametrize("method", list(TWO_STAGE))
 @pytest.mark.parametrize("model_type", ["llava_onevision", "llava_next_video"])
-def test_images_and_videos_reach_the_final_budget(model_type):
+def test_images_and_videos_reach_the_final_budget(model_type, method):
     model = build(model_type)
     inputs = anyres_inputs(model, seed=1, frames=8)
-    with torch.no_grad(), tokreduce.get_reducer("prunevid", keep=0.25, selected_layer=SEL)(model) as state:
+    with torch.no_grad(), tokreduce.get_reducer(method, keep=0.25, **TWO_STAGE[method])(model) as state:
         ref = model(**inputs).logits
         generated = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     rows = state.selections[0]
@@ -154,11 +173,12 @@ def test_images_and_videos_reach_the_final_budget(model_type):
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 2
 
 
-def test_ragged_llava_batch_equals_single_runs():
+@pytest.mark.parametrize("method", list(TWO_STAGE))
+def test_ragged_llava_batch_equals_single_runs(method):
     model = build("llava")
     counts = (2, 1, 3)
     inputs = llava_inputs(counts, seed=8)
-    reducer = tokreduce.get_reducer("prunevid", keep=0.25, selected_layer=SEL)
+    reducer = tokreduce.get_reducer(method, keep=0.25, **TWO_STAGE[method])
     with torch.no_grad(), reducer(model) as state:
         batched = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         batch_sel = [[s.index.tolist() for s in row] for row in state.selections]
@@ -170,12 +190,13 @@ def test_ragged_llava_batch_equals_single_runs():
     assert IMAGE_TOKEN in inputs["input_ids"]
 
 
+@pytest.mark.parametrize("method", list(TWO_STAGE))
 @pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_ragged_qwen_video_batch_equals_single_runs(qwen_models, model_type):
+def test_ragged_qwen_video_batch_equals_single_runs(qwen_models, model_type, method):
     model = qwen_models(model_type)
     samples = [[("video", (8, 4, 4)), ("image", (1, 4, 4))], [("image", (1, 4, 8))], [("video", (4, 4, 8))]]
     inputs = qwen_inputs(model_type, samples, seed=2)
-    reducer = tokreduce.get_reducer("prunevid", keep=0.25, selected_layer=SEL)
+    reducer = tokreduce.get_reducer(method, keep=0.25, **TWO_STAGE[method])
     with torch.no_grad(), reducer(model) as state:
         batched = model.generate(**inputs, max_new_tokens=3, **QWEN_GREEDY)
         batch_sel = [[(s.grid, s.index.tolist()) for s in row] for row in state.selections]

@@ -31,6 +31,8 @@ def knobs(name: str, keep):
         return {"factor": 2}
     if name == "prunevid":  # its pre-LLM stage alone (the LLM stage is tested in test_prunevid_models.py)
         return {"keep": keep, "alpha": 1.0}
+    if name == "holitom":  # its pre-LLM stage alone (the LLM stage is tested in test_holitom_models.py)
+        return {"keep": keep, "r": 0.0}
     if name in ("fastv", "dart"):
         return {"keep": keep, "layer": 2}
     if name in ("pyramiddrop", "feather"):  # the tiny models have 4 decoder layers, not their default stage layers

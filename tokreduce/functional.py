@@ -10,7 +10,7 @@ from .methods.feather import feather_first, strided_grid
 from .methods.ficoco import ficoco, ficoco_compress, ficoco_select
 from .methods.flowcut import flowcut_prune_count, flowcut_scores, flowcut_step
 from .methods.framefusion import frame_merge
-from .methods.holitom import cluster_merge, holitom, largest_remainder, static_windows
+from .methods.holitom import cluster_merge, holitom, holitom_llm_merge, largest_remainder, static_windows
 from .methods.mustdrop import mustdrop, mustdrop_windows, window_similarity
 from .methods.pitome import pitome, pitome_matching
 from .methods.pool import pool_assignment
@@ -51,6 +51,7 @@ __all__ = [
     "frame_merge",
     "frame_quotas",
     "holitom",
+    "holitom_llm_merge",
     "largest_remainder",
     "mustdrop",
     "mustdrop_windows",

@@ -1,4 +1,5 @@
-"""HoliTom: holistic temporal segmentation into static windows, then merging of static and dynamic tokens."""
+"""HoliTom: holistic temporal segmentation into static windows, merging of static and dynamic tokens before the LLM,
+then a similarity merge of the least attended tokens inside it."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from torch import Tensor
 from ..base import Reducer, check_range
 from ..context import TokenContext
 from ..registry import register_reducer
-from ..selection import Selection
-from ..similarity import aligned_cosine
+from ..selection import Selection, budget
+from ..similarity import aligned_cosine, cosine_matrix
+from ..stages import LayerPrune
 from .fastvid import MixedSelection, density_peak_scores, frame_saliency, per_video, top_sorted
 
 
@@ -251,6 +253,48 @@ class MixPlan:
         )
 
 
+def holitom_llm_merge(tokens: Tensor, attention: Tensor, k: int) -> MixedSelection:
+    """HoliTom's merge inside the LLM: keep the k most attended tokens, fold every other one into its most similar
+    kept token. tokens: (1, n, C) hidden states entering decoder layer K, attention: (1, n) -> MixedSelection of n.
+
+    The kept tokens are the k with the highest ``attention`` (ties to the lower index). Every other token, in
+    index order, is averaged into the kept token of highest cosine similarity (similarities of the states before
+    any merge; a tie goes to the more attended kept token, the first in the reference's top-k order), the way
+    the reference updates its target in place: ``target = (target + token) / 2``. A kept token that receives m
+    tokens therefore ends as ``2^-m`` times itself plus ``2^-(m - j + 1)`` times its j-th arrival (the last one
+    weighs half). Values are accumulated in float32 (the reference averages in the model's dtype, step by step).
+
+    Returns:
+        MixedSelection with ``index`` (1, k) the kept tokens, ascending, ``assign`` each token's output slot, and
+        the weights above (identity for k >= n).
+    """
+    n = tokens.shape[1]
+    device = tokens.device
+    if k >= n:
+        return Selection.identity(1, n, device)
+    ranked = torch.sort(attention[0].float(), descending=True, stable=True).indices
+    targets, others = ranked[:k], ranked[k:].sort().values  # targets in rank order, the others as folded in
+    x = tokens[0]
+    best = cosine_matrix(x[others][None], x[targets][None])[0].argmax(dim=1)  # first max: the most attended
+    slot = torch.empty_like(targets)
+    slot[targets.argsort()] = torch.arange(k, device=device)  # output slot of each target (ascending index)
+    received = torch.bincount(best, minlength=k)
+    by_target = torch.sort(best, stable=True)
+    arrival = torch.empty_like(best)
+    arrival[by_target.indices] = torch.arange(n - k, device=device) - (received.cumsum(0) - received)[by_target.values]
+    weight = torch.cat([torch.pow(2.0, -received.float()), torch.pow(2.0, (arrival - received[best]).float())])
+    assign = torch.empty(n, dtype=torch.long, device=device)
+    assign[targets], assign[others] = slot, slot[best]
+    return MixedSelection(
+        index=targets.sort().values[None],
+        num_tokens=n,
+        assign=assign[None],
+        slot=torch.cat([slot, slot[best]])[None],
+        source=torch.cat([targets, others])[None],
+        weight=weight[None],
+    )
+
+
 @register_reducer("holitom")
 @dataclass
 class HoliTomReducer(Reducer):
@@ -270,33 +314,51 @@ class HoliTomReducer(Reducer):
     how far a token stands from its frame's mean token (:func:`~tokreduce.methods.fastvid.frame_saliency`), unless
     ``TokenContext.attention`` is given.
 
-    Budget: exactly ``keep`` of the span's tokens, split over the windows' static tokens and the frames' dynamic
-    tokens in proportion to their counts (the reference multiplies every group by ``keep / (share left after the
-    temporal merge)``, rounding each up or to nearest, so it keeps a little more). When the temporal merge alone
-    leaves fewer than that, the longest window allowed is shortened until it does (the reference then keeps
-    every remaining token and ends above the budget). No jitter on densities (ties to the lower index).
+    Inside the LLM (``r`` > 0, :func:`holitom_llm_merge`): at the input of decoder layer ``layer``, the attention
+    row of the last prompt token in layer ``layer - 1`` (mean over heads) keeps the most attended of each span's
+    pre-LLM tokens; every other one is averaged into its most similar kept token (cosine of the hidden states
+    entering the layer; the reference's running pairwise average, so a later arrival weighs more); layers >=
+    ``layer`` run on the kept tokens, at their original positions (``positions="original"`` only).
 
-    Not done: the reference's optional merge inside the LLM (at decoder layer ``HOLITOM_k``, the visual tokens the
-    last prompt token attends to least are averaged, one by one, into their most similar kept token).
+    Budget: ``keep`` is the final share, ``k = budget(N, keep)`` tokens per span after both stages (the paper's
+    retain ratio is the pre-LLM share: its "retain ratio 0.1" with ``r=0.5`` is ``keep=0.05`` here). Before the
+    LLM exactly ``budget(N, keep / (1 - r))`` (what ``select`` and ``num_kept`` give), split over the windows'
+    static tokens and the frames' dynamic tokens in proportion to their counts (the reference multiplies every
+    group by ``retain ratio / (share left after the temporal merge)``, rounding each up or to nearest, so it keeps
+    a little more); inside the LLM exactly k of them stay (the reference keeps ``round(K0 * (1 - r))`` of the K0
+    it gets). When the temporal merge alone leaves fewer than the pre-LLM budget, the longest window allowed is
+    shortened until it does (the reference then keeps every remaining token and ends above the budget). No jitter
+    on densities (ties to the lower index).
+
+    Deviations inside the LLM: every sample and every visual span is merged on its own (the reference handles
+    the first span of sample 0 only); scores and merged values in float32; ties in attention to the lower index.
 
     Based on HoliTom (Shao et al., "HoliTom: Holistic Token Merging for Fast Video Large Language Models",
-    arXiv 2505.21334; cokeshao/HoliTom holitom/llava_arch.py).
+    arXiv 2505.21334; cokeshao/HoliTom holitom/llava_arch.py and holitom/modeling_qwen2.py; defaults from its
+    scripts: ``T=0.80``, ``HOLITOM_k=18``, ``HOLITOM_r=0.5`` for LLaVA-OneVision-7B, 28 layers).
 
     Args:
-        keep: visual tokens kept per span (fraction or count); the reference's default retain ratio is 0.1.
+        keep: visual tokens kept per span after both stages (fraction or count; default 0.05: the reference's
+            default retain ratio 0.1 before the LLM, halved inside it).
         tau: similarity above which a position counts as static (default 0.8).
         beta: a cluster centre's own weight in its merged value (default 0.6).
         d: share of each frame's dynamic budget given to clustered tokens (default 0: saliency only).
         neighbours: K, neighbours of the density estimate (default 7).
         max_window: longest static window in frames (default 1024).
+        layer: decoder layer at whose input the merge inside the LLM happens (the reference's ``HOLITOM_k``;
+            default 18; the layer before it scores).
+        r: share of the pre-LLM tokens merged away inside the LLM (``HOLITOM_r``; default 0.5; 0: no LLM stage, the
+            whole budget is met before it).
     """
 
-    keep: float | int = 0.1
+    keep: float | int = 0.05
     tau: float = 0.8
     beta: float = 0.6
     d: float = 0.0
     neighbours: int = 7
     max_window: int = 1024
+    layer: int = 18
+    r: float = 0.5
     stage: ClassVar[str] = "pre_llm"
 
     def __post_init__(self):
@@ -306,6 +368,32 @@ class HoliTomReducer(Reducer):
         check_range("d", self.d, 0.0, 1.0)
         check_range("neighbours", self.neighbours, 1, 1 << 20, integer=True)
         check_range("max_window", self.max_window, 1, 1 << 20, integer=True)
+        check_range("layer", self.layer, 1, 1023, integer=True)
+        check_range("r", self.r, 0.0, 1.0)
+        if self.r >= 1.0:
+            raise ValueError(f"r must be a number in [0.0, 1.0), got {self.r!r}")
+        if self.r > 0 and self.positions != "original":
+            raise ValueError(f"holitom with r > 0 needs positions='original', got {self.positions!r}")
+
+    def pre_llm_keep(self) -> float | int:
+        """The pre-LLM budget: ``keep / (1 - r)`` (a share up to 1, or a count)."""
+        if isinstance(self.keep, int):
+            return max(1, round(self.keep / (1 - self.r)))
+        return min(1.0, self.keep / (1 - self.r))
+
+    def num_kept(self, n: int, grid=None) -> int:
+        return budget(n, self.pre_llm_keep())
+
+    def in_llm(self) -> LayerPrune | None:
+        if self.r == 0 or self.is_identity():
+            return None
+        return LayerPrune(layer=self.layer, queries=1, select=self.select_in_llm)
+
+    def select_in_llm(self, tokens: Tensor, ctx: TokenContext) -> Selection:
+        """The merge inside the LLM: (1, K0, C) states of the pre-LLM outputs -> Selection of ``budget(N, keep)``."""
+        attention = ctx.require("attention", self.name)
+        earlier = ctx.require("earlier", self.name)
+        return holitom_llm_merge(tokens, attention, budget(earlier.num_tokens, self.keep))
 
     def _select(self, tokens: Tensor, k: int, ctx: TokenContext) -> Selection:
         knobs = (self.tau, self.beta, self.d, self.neighbours, self.max_window)
