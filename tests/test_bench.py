@@ -41,6 +41,17 @@ def test_quick_bench_on_tiny_models_prints_every_column(tmp_path, capsys):
         assert 1 < r["roofline"] and r["roofline_full_ms"] > 0  # the calibrated roofline ideal is in every row
 
 
+def test_a_prune_layer_beyond_the_kept_layers_is_skipped_with_its_knob(tmp_path, capsys):
+    args = ["--quick", "--models", "tiny-qwen2-vl", "--methods", "random,holitom", "--repeats", "1"]
+    code = main([*args, "--decode-tokens", "2", "--threads", "1", "--out", str(tmp_path)])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "# skip holitom: holitom: layer must be in [1, 3] for this model, got 18 (pass --knob)" in captured.err
+    assert [line.split("|")[3].strip() for line in captured.out.splitlines() if line.startswith("| tiny-")] == [
+        "random"
+    ]
+
+
 def test_cache_bytes_follow_layer_k_pruning():
     import tokreduce
 

@@ -410,18 +410,22 @@ def run(args) -> int:
                     )
                     continue
                 for keep in args.keep:
-                    row = bench_cell(
-                        name,
-                        model,
-                        prompt,
-                        base,
-                        method,
-                        keep,
-                        args.repeats,
-                        args.decode_tokens,
-                        args.machine,
-                        args.knobs.get(method),
-                    )
+                    try:
+                        row = bench_cell(
+                            name,
+                            model,
+                            prompt,
+                            base,
+                            method,
+                            keep,
+                            args.repeats,
+                            args.decode_tokens,
+                            args.machine,
+                            args.knobs.get(method),
+                        )
+                    except ValueError as e:  # knobs this model cannot take: a prune layer beyond --layers
+                        print(f"# skip {method}: {e} (pass --knob)", file=sys.stderr)
+                        break
                     rows.append(row)
                     print("| " + " | ".join(row.cells()) + " |", file=sys.stderr, flush=True)
                     if row.kv_layer_error > 0.01:  # the cache must hold the kept tokens, layer by layer, within 1 %
