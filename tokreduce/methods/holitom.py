@@ -309,10 +309,11 @@ class HoliTomReducer(Reducer):
     the rest the same way. Kept and merged tokens keep their positions (a static token that of the window's first
     frame). An image (t = 1) gets the spatial part: its most salient tokens (and clusters with ``d > 0``).
 
-    Saliency: the reference ranks dynamic tokens by the attention they receive in the vision encoder's last layer
-    (pooled like the features); a wrapped model hands only the projected tokens to this stage, so the saliency is
-    how far a token stands from its frame's mean token (:func:`~tokreduce.methods.fastvid.frame_saliency`), unless
-    ``TokenContext.attention`` is given.
+    Saliency: the reference ranks dynamic tokens by the attention they receive in the SigLIP layer whose output is
+    the feature (its self-attention, mean over heads and over queries; bilinearly pooled 2x2 like the frames; the
+    attention-pooling head is not used, the reference replaces it by an identity); a wrapped model hands only the
+    projected tokens to this stage, so the saliency is how far a token stands from its frame's mean token
+    (:func:`~tokreduce.methods.fastvid.frame_saliency`), unless ``TokenContext.attention`` is given.
 
     Inside the LLM (``r`` > 0, :func:`holitom_llm_merge`): at the input of decoder layer ``layer``, the attention
     row of the last prompt token in layer ``layer - 1`` (mean over heads) keeps the most attended of each span's
